@@ -35,21 +35,21 @@ def _missing(module, name: str) -> bool:
         return not hasattr(module, name)
 
 
-def _patch_numpy() -> list[str]:
+def _patch_numpy(numpy=np) -> list[str]:
     patched = []
     for name, value in _NUMPY_ALIASES.items():
-        if _missing(np, name):
-            setattr(np, name, value)
+        if _missing(numpy, name):
+            setattr(numpy, name, value)
             patched.append(f"numpy.{name}")
-    if _missing(np, "in1d"):
-        np.in1d = lambda a, b, *args, **kw: np.isin(a, b, *args, **kw).ravel()
+    if _missing(numpy, "in1d"):
+        numpy.in1d = lambda a, b, *args, **kw: np.isin(a, b, *args, **kw).ravel()
         patched.append("numpy.in1d")
     return patched
 
 
-def _patch_pillow() -> list[str]:
-    if _missing(Image, "LINEAR"):
-        Image.LINEAR = Image.BILINEAR
+def _patch_pillow(image=Image) -> list[str]:
+    if _missing(image, "LINEAR"):
+        image.LINEAR = image.BILINEAR
         return ["PIL.Image.LINEAR"]
     return []
 
