@@ -1,0 +1,88 @@
+"""Linear evaluation (transfer/linear_eval.py) and the supervised baseline (transfer/pretrain/supervised.py)."""
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from transfer.errors import UserError
+from transfer.linear_eval import LinearEvalConfig, linear_eval
+from transfer.pretrain import engine
+from transfer.pretrain.moco import MoCo
+from transfer.pretrain.supervised import SupervisedConfig, train_supervised
+
+COLOURS = [(220, 40, 40), (40, 200, 60), (50, 60, 220)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """train/val ImageFolder: noisy images of one colour per class."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for c, colour in enumerate(COLOURS):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.normal(colour, 30, size=(36, 44, 3)).clip(0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def moco_checkpoint(tmp_path_factory):
+    """A MoCo v2 checkpoint (official layout, MLP head) whose query encoder differs from its key encoder."""
+    torch.manual_seed(0)
+    model = MoCo(torchvision.models.resnet18, dim=16, K=32, mlp=True)
+    with torch.no_grad():
+        for p in model.encoder_k.parameters():
+            p.mul_(-1.0)  # loading the wrong encoder would show
+        for name, b in model.encoder_q.named_buffers():
+            if name.endswith("running_var"):
+                b.uniform_(0.5, 2.0)  # non-default BN statistics, which eval mode must use as they are
+    cfg = engine.load_config("v2", arch="resnet18", moco_k=32, batch_size=8)
+    path = tmp_path_factory.mktemp("moco") / "checkpoint_last.pth.tar"
+    engine.save_checkpoint(path, model, torch.optim.SGD(model.parameters(), 0.1), cfg, 4, 2, 0.1)
+    return path
+
+
+def small(pretrained, data, output, **overrides):
+    settings = dict(epochs=6, schedule=(4,), lr=0.5, batch_size=8, workers=0, image_size=32)
+    return LinearEvalConfig(pretrained=str(pretrained), data=str(data), output=str(output), **(settings | overrides))
+
+
+def test_linear_eval_trains_only_the_fc_on_the_query_encoder(data, moco_checkpoint, tmp_path):
+    result = linear_eval(small(moco_checkpoint, data, tmp_path))
+    assert result["arch"] == "resnet18"  # from the checkpoint
+    assert [round(h["lr"], 6) for h in result["history"]] == [0.5] * 4 + [0.05] * 2
+    assert result["top1"] > 80  # the colours are linearly separable in the frozen features
+    moco = torch.load(moco_checkpoint, weights_only=True)["state_dict"]
+    trained = torch.load(tmp_path / "linear_classifier.pth", weights_only=True)["state_dict"]
+    for key, value in trained.items():
+        if key.startswith("fc."):
+            continue
+        assert torch.equal(value, moco["module.encoder_q." + key]), key  # weights and BN statistics untouched
+    assert trained["fc.weight"].shape == (3, 512)
+    assert (tmp_path / "linear_eval.json").exists()
+
+
+def test_supervised_baseline_writes_a_plain_torchvision_state_dict(data, tmp_path):
+    weights = train_supervised(SupervisedConfig(data=str(data), output=str(tmp_path), arch="resnet18", epochs=1,
+                                                batch_size=8, workers=0, image_size=32))
+    assert weights == tmp_path / "supervised_resnet18.pth"
+    state = torch.load(weights, weights_only=True)
+    reference = torchvision.models.resnet18(num_classes=3).state_dict()
+    assert state.keys() == reference.keys()
+    assert all(state[k].shape == v.shape for k, v in reference.items())
+    # ... which linear evaluation reads too (with --arch: a plain state dict does not name its architecture).
+    result = linear_eval(small(weights, data, tmp_path / "lincls", arch="resnet18", epochs=1))
+    assert 0 <= result["top1"] <= 100
+
+
+def test_unreadable_or_mismatched_checkpoints_are_user_errors(data, moco_checkpoint, tmp_path):
+    with pytest.raises(UserError, match="does not fit --arch resnet50"):
+        linear_eval(small(moco_checkpoint, data, tmp_path, arch="resnet50"))
+    with pytest.raises(UserError, match="not a PyTorch checkpoint"):
+        linear_eval(small(next((data / "train" / "class0").iterdir()), data, tmp_path))
+    with pytest.raises(UserError, match="val/<class>"):
+        linear_eval(small(moco_checkpoint, data / "train", tmp_path))

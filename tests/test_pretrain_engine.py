@@ -1,0 +1,254 @@
+"""The pre-training loop (transfer/pretrain/engine.py) on a tiny generated ImageFolder, on the CPU."""
+import csv
+import importlib.util
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+from transfer.errors import UserError
+from transfer.pretrain import engine
+from transfer.pretrain.augment import TwoCropDataset, ViewSampler, moco_augmentation
+from transfer.pretrain.moco import MoCo
+
+REPO = Path(__file__).resolve().parents[1]
+COLOURS = [(220, 40, 40), (40, 200, 60), (50, 60, 220)]
+
+
+def write_image_folder(root, per_class, val_per_class, seed=0):
+    """root/{train,val}/<class>/*.jpg: noisy images of one colour per class (k-NN can tell them apart)."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        for c, colour in enumerate(COLOURS):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.normal(colour, 30, size=(40, 48, 3)).clip(0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("images"), per_class=8, val_per_class=3)  # 24 train images
+
+
+def tiny(data, output, **overrides):
+    """v2 settings at toy scale: 24 images, batch 8 (3 steps per epoch), 32 px, ResNet-18, on the CPU
+    (where resume is promised bit-exact; also on a GPU machine)."""
+    settings = dict(data=str(data), output=str(output), device="cpu", arch="resnet18", moco_k=24, batch_size=8, epochs=1,
+                    image_size=32, workers=0, bn_splits=2, print_freq=1, monitor_every=0, knn_k=5)
+    return engine.load_config("v2", **(settings | overrides))
+
+
+def log_rows(output):
+    with open(Path(output) / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def test_presets_match_the_papers():
+    v1, v2 = engine.load_config("v1"), engine.load_config("v2")
+    assert (v1.moco_t, v1.mlp, v1.aug_plus, v1.cos) == (0.07, False, False, False)
+    assert (v2.moco_t, v2.mlp, v2.aug_plus, v2.cos) == (0.2, True, True, True)
+    for cfg in (v1, v2):
+        assert (cfg.arch, cfg.moco_dim, cfg.moco_k, cfg.moco_m) == ("resnet50", 128, 65536, 0.999)
+        assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.wd, cfg.momentum) == (0.03, 256, 200, 1e-4, 0.9)
+    mlp = MoCo(__import__("torchvision").models.resnet50, mlp=True, K=256)
+    assert mlp.encoder_q.fc[0].weight.shape == (2048, 2048) and mlp.encoder_q.fc[2].weight.shape == (128, 2048)
+
+
+def test_official_flag_names_override_the_preset():
+    tool = load_tool("pretrain_moco")
+    args = vars(tool.parse_args(["--preset", "v2", "--arch", "resnet18", "--moco-k", "4096", "--moco-t", "0.1",
+                                 "--no-mlp", "--schedule", "30", "40", "-b", "64", "--wd", "5e-4", "--epochs", "50"]))
+    cfg = engine.load_config(**args)
+    assert (cfg.arch, cfg.moco_k, cfg.moco_t, cfg.mlp, cfg.schedule) == ("resnet18", 4096, 0.1, False, [30, 40])
+    assert (cfg.batch_size, cfg.wd, cfg.epochs, cfg.aug_plus, cfg.cos) == (64, 5e-4, 50, True, True)  # rest: v2
+    with pytest.raises(UserError, match="--preset v3"):
+        engine.load_config("v3")
+
+
+def test_bad_sizes_and_paths_are_user_errors(tmp_path, data):
+    with pytest.raises(UserError, match="--moco-k 20: the queue size must be a multiple of --batch-size 8"):
+        engine.pretrain(tiny(data, tmp_path / "a", moco_k=20))
+    with pytest.raises(UserError, match="--bn-splits 3"):
+        engine.pretrain(tiny(data, tmp_path / "b", bn_splits=3))
+    with pytest.raises(UserError, match="train/<class>"):
+        engine.pretrain(tiny(tmp_path / "nowhere", tmp_path / "c"))
+
+
+def test_learning_rate_schedules():
+    step = engine.load_config("v1", lr=1.0, epochs=10, schedule=[4, 8])
+    assert [round(engine.learning_rate(step, e), 6) for e in (0, 3, 4, 7, 8, 9)] == [1, 1, 0.1, 0.1, 0.01, 0.01]
+    cos = engine.load_config("v2", lr=1.0, epochs=10)
+    assert engine.learning_rate(cos, 0) == 1.0 and engine.learning_rate(cos, 5) == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_view_sampler_shards_epochs_and_resumes():
+    full = list(ViewSampler(20, 8, 0, 1, seed=3, epochs=2))
+    assert len(full) == 2 * 16  # two full batches per epoch, the remainder dropped
+    for epoch in (0, 1):
+        ids = full[epoch * 16:(epoch + 1) * 16]
+        assert all(i // 20 == epoch for i in ids) and len({i % 20 for i in ids}) == 16
+    assert full[:16] != [i - 20 for i in full[16:]]  # a new permutation every epoch
+    ranks = [list(ViewSampler(20, 8, r, 2, seed=3, epochs=2)) for r in (0, 1)]
+    interleaved = [i for b in range(4) for r in (0, 1) for i in ranks[r][b * 4:(b + 1) * 4]]
+    assert interleaved == full  # each global batch = rank 0's slice + rank 1's slice
+    assert list(ViewSampler(20, 8, 0, 1, seed=3, epochs=2, start_step=3)) == full[3 * 8:]
+
+
+def test_views_are_a_function_of_their_id(data):
+    dataset = TwoCropDataset(data / "train", moco_augmentation(32, aug_plus=True), seed=0)
+    q1, k1, _ = dataset[5]
+    torch.manual_seed(123)  # the global RNG does not matter
+    q2, k2, _ = dataset[5]
+    assert torch.equal(q1, q2) and torch.equal(k1, k2) and not torch.equal(q1, k1)
+    assert torch.equal(dataset.key_view(5), k1)
+    assert not torch.equal(dataset[5 + len(dataset)][0], q1)  # same image, next epoch: new crops
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+@pytest.fixture(scope="module")
+def straight_run(data, tmp_path_factory):
+    """2 epochs of 3 steps, start to end."""
+    output = tmp_path_factory.mktemp("straight")
+    return engine.pretrain(tiny(data, output, epochs=2)), output
+
+
+def test_resume_continues_the_same_run_bit_for_bit(data, tmp_path, straight_run):
+    checkpoint, straight = straight_run
+    # Stop mid-epoch at step 4, resume (with loader workers this time: views do not depend on them).
+    first = engine.pretrain(tiny(data, tmp_path, epochs=2, max_steps=4))
+    assert load(first)["step"] == 4 and len(log_rows(tmp_path)) == 4
+    engine.pretrain(tiny(data, tmp_path, epochs=2, workers=2, resume=str(first)))
+
+    losses = [row["loss"] for row in log_rows(straight)]
+    assert len(losses) == 6 and len(set(losses)) > 1
+    assert [row["loss"] for row in log_rows(tmp_path)] == losses  # exact decimal strings: same floats
+    a, b = load(checkpoint), load(tmp_path / "checkpoint_last.pth.tar")
+    assert a["step"] == b["step"] == 6 and a["epoch"] == b["epoch"] == 2
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():  # both encoders, BN statistics, queue, queue_ptr
+        assert torch.equal(value, b["state_dict"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+
+
+def test_checkpoint_has_the_official_layout(straight_run):
+    checkpoint, output = straight_run
+    ckpt = load(checkpoint)  # weights_only: tensors and plain types only
+    assert {"epoch", "arch", "state_dict", "optimizer"} <= ckpt.keys() and ckpt["arch"] == "resnet18"
+    keys = ckpt["state_dict"].keys()
+    assert all(k.startswith("module.") for k in keys)
+    assert {"module.queue", "module.queue_ptr", "module.encoder_q.conv1.weight", "module.encoder_k.conv1.weight",
+            "module.encoder_q.fc.0.weight", "module.encoder_q.fc.2.weight"} <= keys
+    assert ckpt["state_dict"]["module.queue"].shape == (128, 24)
+    # A checkpoint already in --output is not overwritten by accident.
+    with pytest.raises(UserError, match="--resume"):
+        engine.pretrain(engine.load_config(**(ckpt["config"] | {"resume": None})))
+
+
+def test_checkpoint_converts_with_the_official_renaming_rules(tmp_path):
+    """The official converter (moco/detection/convert-pretrain-to-detectron2.py) keeps
+    module.encoder_q.* and renames torchvision names to detectron2's; every ResNet-50 backbone
+    tensor of detectron2 must come out of our checkpoint with its shape."""
+    import torchvision
+
+    from transfer import d2compat  # noqa: F401
+    from detectron2.config import get_cfg
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.backbone import build_resnet_backbone
+
+    model = MoCo(torchvision.models.resnet50, K=256, mlp=True)
+    optimizer = torch.optim.SGD(model.parameters(), 0.1)
+    cfg = engine.load_config("v2", batch_size=256, moco_k=256)
+    engine.save_checkpoint(tmp_path / "ckpt.pth.tar", model, optimizer, cfg, step=10, steps_per_epoch=5, lr=0.1)
+    state = load(tmp_path / "ckpt.pth.tar")["state_dict"]
+
+    converted = {}
+    for key, value in state.items():  # the official renaming rules, as documented there
+        if not key.startswith("module.encoder_q."):
+            continue
+        key = key.replace("module.encoder_q.", "")
+        if "layer" not in key:
+            key = "stem." + key
+        for i in (1, 2, 3, 4):
+            key = key.replace(f"layer{i}", f"res{i + 1}")
+        for i in (1, 2, 3):
+            key = key.replace(f"bn{i}", f"conv{i}.norm")
+        converted[key.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")] = value
+
+    d2 = get_cfg()
+    d2.MODEL.RESNETS.DEPTH, d2.MODEL.RESNETS.NORM, d2.MODEL.BACKBONE.FREEZE_AT = 50, "BN", 0  # the MoCo protocol
+    d2.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    expected = build_resnet_backbone(d2, ShapeSpec(channels=3)).state_dict()
+    assert {k for k in converted if not k.startswith("stem.fc")} == set(expected)
+    assert all(converted[k].shape == v.shape for k, v in expected.items())
+
+
+def test_monitors_knn_and_dictionary_consistency(data, tmp_path):
+    # Whole-batch BN (bn_splits 1): re-encoding the newest queued batch must give back its keys.
+    engine.pretrain(tiny(data, tmp_path, epochs=2, bn_splits=1, monitor_every=1))
+    with open(tmp_path / "monitor.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(0 <= float(r["knn_top1"]) <= 100 for r in rows)
+    with open(tmp_path / "dictionary_consistency.csv") as f:
+        table = [r for r in csv.DictReader(f) if r["epoch"] == "2"]
+    ages = {int(r["age_steps"]) for r in table}
+    assert ages == {0, 1, 2}  # the queue holds 3 batches
+    newest = [float(r["cosine"]) for r in table if r["age_steps"] == "0"]
+    oldest = [float(r["cosine"]) for r in table if r["age_steps"] == "2"]
+    assert min(newest) > 0.999 and sum(oldest) / len(oldest) < 0.999
+    assert (tmp_path / "dictionary_consistency.png").stat().st_size > 1000
+    assert any((tmp_path / "tb").iterdir())
+
+
+# ----------------------------------------------------------------------------- torchrun-like, 2 processes
+
+
+def _torchrun_worker(rank, port, data, output):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        engine.pretrain(tiny(data, output, max_steps=2, bn_splits=None))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_process_run_fills_the_queue_from_both_ranks(data, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_torchrun_worker, args=(port, str(data), str(tmp_path)), nprocs=2)
+    ckpt = load(tmp_path / "checkpoint_last.pth.tar")
+    assert ckpt["step"] == 2 and len(log_rows(tmp_path)) == 2
+    # Queue slots 0..15 hold the two global batches in sampler order: rank 0's half, then rank 1's.
+    expected = list(ViewSampler(24, 8, 0, 1, seed=0, epochs=1))[:16]
+    assert ckpt["state_dict"]["module.queue_ids"][:16].tolist() == expected
+    assert int(ckpt["state_dict"]["module.queue_ptr"]) == 16

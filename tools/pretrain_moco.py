@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""MoCo v1 / v2 pre-training, with the official main_moco.py flag names.
+
+    python tools/pretrain_moco.py --preset v2 --data /datasets/imagenet --output runs/moco_v2
+    torchrun --nproc_per_node 8 tools/pretrain_moco.py --preset v2 --data ... --output ...
+
+A preset (configs/pretrain/<name>.yaml) gives every setting; each flag overrides one. Without
+--data the built-in demo images are used. Writes OUTPUT/checkpoint_last.pth.tar (official layout).
+"""
+import argparse
+
+import torch.distributed
+
+from transfer.errors import cli
+from transfer.pretrain.engine import load_config, pretrain
+
+FLAG = argparse.BooleanOptionalAction
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="v2", help="v1, v2, demo, or a YAML file (default v2)")
+    p.add_argument("--data", help="root with train/<class>/*.jpg (val/ for the k-NN monitor); default: demo images")
+    p.add_argument("--output", default="output/pretrain", help="run folder (checkpoint, logs, figures)")
+    p.add_argument("--resume", help="checkpoint to continue from (ours or the official code's)")
+    p.add_argument("--max-steps", type=int, help="stop at this global step with a checkpoint (time-limited jobs)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="default auto: the GPU LOCAL_RANK if CUDA is available")
+    # The preset's settings; default None keeps the preset's value.
+    p.add_argument("-a", "--arch", help="torchvision ResNet, e.g. resnet50")
+    p.add_argument("--moco-dim", type=int, help="feature dimension")
+    p.add_argument("--moco-k", type=int, help="queue size; a multiple of --batch-size")
+    p.add_argument("--moco-m", type=float, help="key-encoder momentum")
+    p.add_argument("--moco-t", type=float, help="softmax temperature")
+    p.add_argument("--mlp", action=FLAG, help="MLP projection head (v2)")
+    p.add_argument("--aug-plus", action=FLAG, help="v2 augmentation (blur, stronger jitter)")
+    p.add_argument("--cos", action=FLAG, help="cosine learning-rate schedule")
+    p.add_argument("--bn-splits", type=int, help="BatchNorm groups per process (shuffle-BN on one device)")
+    p.add_argument("--lr", "--learning-rate", type=float, help="learning rate for the global batch")
+    p.add_argument("--schedule", type=int, nargs="+", help="epochs at which lr *= 0.1 (without --cos)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("-b", "--batch-size", type=int, help="global batch size over all processes")
+    p.add_argument("--wd", "--weight-decay", type=float)
+    p.add_argument("--momentum", type=float)
+    p.add_argument("-j", "--workers", type=int, help="data loading processes per training process")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--image-size", type=int, help="crop size (224 for ImageNet)")
+    p.add_argument("--aug-backend", choices=["cpu", "gpu"], help="where the two crops are augmented")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--channels-last", action=FLAG)
+    p.add_argument("--compile", action=FLAG, help="torch.compile the encoders (CUDA)")
+    p.add_argument("-p", "--print-freq", type=int, help="steps per log row")
+    p.add_argument("--monitor-every", type=int, help="epochs between k-NN / dictionary-consistency checks (0: never)")
+    p.add_argument("--knn-k", type=int)
+    p.add_argument("--knn-t", type=float)
+    p.add_argument("--knn-max-images", type=int)
+    p.add_argument("--consistency-keys", type=int, help="queued keys re-encoded for the dictionary-consistency figure")
+    return p.parse_args(argv)
+
+
+@cli
+def main(argv=None):
+    args = vars(parse_args(argv))
+    checkpoint = pretrain(load_config(**args))
+    if torch.distributed.is_initialized():  # under torchrun: one line from rank 0, then a clean exit
+        rank = torch.distributed.get_rank()
+        torch.distributed.destroy_process_group()
+        if rank:
+            return
+    print(f"checkpoint: {checkpoint}")
+
+
+if __name__ == "__main__":
+    main()

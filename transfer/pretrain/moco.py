@@ -1,0 +1,157 @@
+"""MoCo (He et al., CVPR 2020): a query encoder, a momentum key encoder, a queue of negative keys.
+
+Same structure and state-dict names as the official ``moco/builder.py`` (``encoder_q``,
+``encoder_k``, ``queue`` of shape (dim, K), ``queue_ptr``), so official tools read our checkpoints.
+One difference: shuffle-BN also works on ONE device. BatchNorm statistics computed over the whole
+key batch leak which key is the positive; the official single-GPU run has that leak. With
+``bn_splits > 1`` every BatchNorm normalises ``bn_splits`` sub-batches separately (as if they were
+on that many GPUs) and the key batch is shuffled before, so a query and its key sit in different
+BN groups. Under torch.distributed the official cross-rank shuffle does the same job.
+"""
+import functools
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are computed per sub-batch: sample n is in group n % splits.
+
+    Same parameters and buffers as BatchNorm2d (checkpoints are interchangeable); the running
+    statistics are the mean over the groups; evaluation is plain BatchNorm.
+    """
+
+    def __init__(self, num_features, num_splits=8, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.num_splits = num_splits
+
+    def forward(self, x):
+        if not self.training or self.num_splits == 1:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        s = self.num_splits
+        if n % s:
+            raise ValueError(f"batch of {n} does not split into {s} BatchNorm groups (--bn-splits)")
+        # (N, C, H, W) -> (N/s, s*C, H, W): channel block j holds the samples n with n % s == j,
+        # so one batch_norm call normalises every group with its own statistics.
+        running_mean = self.running_mean.repeat(s)
+        running_var = self.running_var.repeat(s)
+        out = F.batch_norm(
+            x.reshape(n // s, s * c, h, w), running_mean, running_var,
+            self.weight.repeat(s), self.bias.repeat(s), True, self.momentum, self.eps,
+        ).reshape(n, c, h, w)
+        with torch.no_grad():
+            self.running_mean.copy_(running_mean.view(s, c).mean(0))
+            self.running_var.copy_(running_var.view(s, c).mean(0))
+            self.num_batches_tracked += 1
+        return out
+
+
+def norm_layer(bn_splits):
+    """The BatchNorm class for the encoders: split statistics on one device, plain per process."""
+    if bn_splits <= 1:
+        return nn.BatchNorm2d
+    return functools.partial(SplitBatchNorm, num_splits=bn_splits)
+
+
+class MoCo(nn.Module):
+    def __init__(self, base_encoder, dim=128, K=65536, m=0.999, T=0.07, mlp=False, bn_splits=1):
+        """base_encoder: a torchvision-style constructor taking ``num_classes`` and ``norm_layer``.
+        dim: feature dimension; K: queue size; m: key-encoder momentum; T: softmax temperature;
+        mlp: 2-layer MLP head (MoCo v2); bn_splits: BatchNorm groups per process (see module doc).
+        """
+        super().__init__()
+        self.K, self.m, self.T = K, m, T
+        self.encoder_q = base_encoder(num_classes=dim, norm_layer=norm_layer(bn_splits))
+        self.encoder_k = base_encoder(num_classes=dim, norm_layer=norm_layer(bn_splits))
+        if mlp:  # fc -> Linear, ReLU, fc: keys fc.0 / fc.2 as in the official code
+            for encoder in (self.encoder_q, self.encoder_k):
+                hidden = encoder.fc.weight.shape[1]
+                encoder.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), encoder.fc)
+
+        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            param_k.data.copy_(param_q.data)
+            param_k.requires_grad = False
+
+        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        # Which training view each queued key came from (-1: random init); the dictionary
+        # consistency monitor re-encodes these views. Not in the official layout, ignored by it.
+        self.register_buffer("queue_ids", torch.full((K,), -1, dtype=torch.long))
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self):
+        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            param_k.data.mul_(self.m).add_(param_q.data, alpha=1.0 - self.m)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys, ids=None):
+        keys = concat_all_gather(keys)
+        batch_size = keys.shape[0]
+        if self.K % batch_size:
+            raise ValueError(f"queue size K={self.K} is not a multiple of the global batch {batch_size}")
+        ptr = int(self.queue_ptr)
+        self.queue[:, ptr:ptr + batch_size] = keys.T.to(self.queue.dtype)
+        if ids is not None:
+            self.queue_ids[ptr:ptr + batch_size] = concat_all_gather(ids)
+        self.queue_ptr[0] = (ptr + batch_size) % self.K
+
+    @torch.no_grad()
+    def _batch_shuffle(self, x):
+        """Shuffle the key batch; returns it and the index that undoes the shuffle (across ranks if distributed)."""
+        if not is_distributed():
+            idx_shuffle = torch.randperm(x.shape[0], device=x.device)
+            return x[idx_shuffle], torch.argsort(idx_shuffle)
+        x_gather = concat_all_gather(x)
+        batch_size_all = x_gather.shape[0]
+        idx_shuffle = torch.randperm(batch_size_all, device=x.device)
+        dist.broadcast(idx_shuffle, src=0)  # every rank applies rank 0's permutation
+        idx_unshuffle = torch.argsort(idx_shuffle)
+        num_local = batch_size_all // dist.get_world_size()
+        idx_this = idx_shuffle.view(dist.get_world_size(), -1)[dist.get_rank()]
+        assert idx_this.numel() == num_local
+        return x_gather[idx_this], idx_unshuffle
+
+    @torch.no_grad()
+    def _batch_unshuffle(self, x, idx_unshuffle):
+        if not is_distributed():
+            return x[idx_unshuffle]
+        x_gather = concat_all_gather(x)
+        idx_this = idx_unshuffle.view(dist.get_world_size(), -1)[dist.get_rank()]
+        return x_gather[idx_this]
+
+    def forward(self, im_q, im_k, ids=None):
+        """Returns (logits, labels): logits (N, 1+K) with the positive in column 0, labels zeros.
+
+        ids: optional (N,) view ids of the key images, stored beside the queue.
+        """
+        q = F.normalize(self.encoder_q(im_q).float(), dim=1)
+        with torch.no_grad():
+            self._momentum_update_key_encoder()
+            im_k, idx_unshuffle = self._batch_shuffle(im_k)
+            k = F.normalize(self.encoder_k(im_k).float(), dim=1)
+            k = self._batch_unshuffle(k, idx_unshuffle)
+
+        with torch.autocast(q.device.type, enabled=False):  # InfoNCE logits in float32, also under bf16 autocast
+            l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+            l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())
+            logits = torch.cat([l_pos, l_neg], dim=1) / self.T
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        self._dequeue_and_enqueue(k, ids)
+        return logits, labels
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def concat_all_gather(tensor):
+    """Concatenate ``tensor`` from every rank in rank order (no gradient); identity on one process."""
+    if not is_distributed():
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered, dim=0)
