@@ -60,7 +60,7 @@ CITYSCAPES = {
     for task in ("instance_seg", "sem_seg")
     for split in ("train", "val")
 }
-VOC_SEMSEG = (voc_semseg.TRAIN, voc_semseg.VAL)
+VOC_SEMSEG = tuple(voc_semseg.SPLITS)  # train_aug, train, val
 
 LAYOUT_HINTS = {
     "voc": "<root>/{folder}/{{Annotations/<id>.xml, JPEGImages/<id>.jpg, ImageSets/Main/{split}.txt}} (PASCAL VOC devkit layout)",
@@ -241,6 +241,6 @@ def check(dataset_names, root=None) -> None:
         elif name in CITYSCAPES:
             _check_cityscapes(root, name)
         elif name in VOC_SEMSEG:
-            voc_semseg.check(root)
+            voc_semseg.check(root, name)
         elif name not in DatasetCatalog.list():
             raise UserError(f"{name}: unknown dataset; known: {', '.join(known_names())} or a registered custom dataset")

@@ -12,10 +12,11 @@ Layout under the datasets root (detectron2's, ``$DETECTRON2_DATASETS``)::
 A list file holds one image per line, either ``<id>`` or ``/JPEGImages/<id>.jpg
 /SegmentationClassAug/<id>.png`` (DeepLab's format); only the first entry's file stem is used.
 
-Registered names: ``voc_2012_sem_seg_train`` (train_aug when SegmentationClassAug and its list are
-present, otherwise the 1,464-image ``train`` split with a warning) and ``voc_2012_sem_seg_val``
-(1,449 images). Which training split was used is the metadata field ``split``
-(:func:`training_split`), recorded in each run's metrics.json as ``dataset_split``.
+Registered names: ``voc_2012_sem_seg_train_aug`` (the paper's training set),
+``voc_2012_sem_seg_train`` (the 1,464 images of ``train``) and ``voc_2012_sem_seg_val`` (1,449
+images). The ``voc_sem`` task trains on train_aug; when SegmentationClassAug is absent, the runner
+falls back to the ``voc_sem_train`` task (``train``), says so, and records it in metrics.json
+(``task_variant``, ``dataset_split``).
 """
 from __future__ import annotations
 
@@ -36,16 +37,17 @@ CLASSES = (
     "train", "tvmonitor",
 )  # fmt: skip
 IGNORE_LABEL = 255  # the boundary / "difficult" band around objects
+TRAIN_AUG = "voc_2012_sem_seg_train_aug"
 TRAIN = "voc_2012_sem_seg_train"
 VAL = "voc_2012_sem_seg_val"
+SPLITS = {TRAIN_AUG: "train_aug", TRAIN: "train", VAL: "val"}
 AUG_FOLDER = "SegmentationClassAug"
 AUG_LISTS = ("ImageSets/SegmentationAug/train_aug.txt", "ImageSets/Segmentation/train_aug.txt")
 TRAIN_ONLY_WARNING = (
-    "VOC semantic segmentation trains on the 1,464-image 'train' split because {voc}/"
-    + AUG_FOLDER
-    + " is absent; the paper trains on the SBD-augmented 'train_aug' (10,582 images), so the"
-    " mIoU is not comparable with published numbers. Add SegmentationClassAug and its train_aug.txt"
-    " list (README, 'Semantic segmentation') to train on train_aug."
+    "VOC semantic segmentation trains on the 1,464-image 'train' split: {voc}/" + AUG_FOLDER + " is"
+    " absent. The paper trains on the SBD-augmented 'train_aug' (10,582 images), so this mIoU is not"
+    " comparable with published numbers; add SegmentationClassAug and its train_aug.txt list"
+    " (README, 'Semantic segmentation') to train on train_aug."
 )
 
 
@@ -69,19 +71,19 @@ def _aug_list(voc: Path) -> Path | None:
     )
 
 
-def training_split(datasets_root) -> str:
-    """'train_aug' when the SBD-augmented set is present under the root, else 'train'."""
-    return "train_aug" if _aug_list(Path(datasets_root) / "VOC2012") else "train"
-
-
-def check(datasets_root) -> None:
-    """Raise UserError naming the first missing path of the VOC 2012 segmentation layout."""
+def check(datasets_root, name: str = VAL) -> None:
+    """Raise UserError naming the first missing path that dataset ``name`` needs."""
     voc = Path(datasets_root) / "VOC2012"
-    for path in (voc / "JPEGImages", voc / "SegmentationClass", voc / "ImageSets/Segmentation/val.txt"):
+    layout = "VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation/{train,val}.txt} (README, 'Semantic segmentation')"
+    if name == TRAIN_AUG:
+        if _aug_list(voc) is None:
+            raise UserError(f"{voc / AUG_FOLDER}: missing; the SBD-augmented 'train_aug' labels (README, 'Semantic segmentation')")
+        needed = (voc / "JPEGImages",)
+    else:
+        needed = (voc / "JPEGImages", voc / "SegmentationClass", voc / f"ImageSets/Segmentation/{SPLITS[name]}.txt")
+    for path in needed:
         if not path.exists():
-            raise UserError(f"{path}: missing; expected VOC2012/{{JPEGImages,SegmentationClass,ImageSets/Segmentation/{{train,val}}.txt}} (README, 'Semantic segmentation')")
-    if _aug_list(voc) is None and not (voc / "ImageSets/Segmentation/train.txt").is_file():
-        raise UserError(f"{voc / 'ImageSets/Segmentation/train.txt'}: missing (and no {AUG_FOLDER} with its train_aug list)")
+            raise UserError(f"{path}: missing; expected {layout}")
 
 
 def load(datasets_root, split: str) -> list[dict]:
@@ -100,7 +102,7 @@ def load(datasets_root, split: str) -> list[dict]:
         if not list_file.is_file():
             raise UserError(f"{list_file}: missing")
         ids = _read_ids(list_file)
-        if split == "train":
+        if split == "train" and not (voc / AUG_FOLDER).is_dir():
             logger.warning(TRAIN_ONLY_WARNING.format(voc=voc))
     dicts = [{"file_name": str(voc / "JPEGImages" / f"{i}.jpg"), "sem_seg_file_name": str(label_dir / f"{i}.png")} for i in ids]
     for d in dicts:
@@ -110,26 +112,18 @@ def load(datasets_root, split: str) -> list[dict]:
     return dicts
 
 
-def register(datasets_root) -> str:
-    """(Re-)register ``voc_2012_sem_seg_{train,val}`` under the root; return the training split used.
-
-    Never raises on a bad layout (registration happens for every task); :func:`check` and the
-    loaders name the problem when a VOC segmentation task actually runs.
-    """
-    try:
-        split = training_split(datasets_root)
-    except UserError:  # SegmentationClassAug without its list: load() reports it
-        split = "train_aug"
-    for name, name_split in ((TRAIN, split), (VAL, "val")):
+def register(datasets_root) -> None:
+    """(Re-)register the three VOC 2012 segmentation names under the root (loading is lazy)."""
+    for name, split in SPLITS.items():
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)
+        if name in MetadataCatalog.list():
             MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, lambda s=name_split: load(datasets_root, s))
+        DatasetCatalog.register(name, lambda s=split: load(datasets_root, s))
         MetadataCatalog.get(name).set(
             stuff_classes=list(CLASSES),
             ignore_label=IGNORE_LABEL,
             evaluator_type="sem_seg",
-            split=name_split,
+            split=split,
             dirname=str(Path(datasets_root) / "VOC2012"),
         )
-    return split
