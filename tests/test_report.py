@@ -1,0 +1,167 @@
+"""Reports from hand-made metrics.json files: aggregation, missing metrics, failed runs, round trips."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from transfer import report
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_run(output, weights, task, seed, metrics=None, status="ok", error=None, schedule="demo"):
+    folder = Path(output) / weights / task / schedule / f"seed{seed}"
+    folder.mkdir(parents=True)
+    record = {"status": status, "error": error, "task": task, "schedule": schedule, "seed": seed,
+              "weights": f"/w/{weights}.pkl", "weights_sha256": weights * 4, "metrics": metrics or {},
+              "s_per_iter": 0.5, "wall_time_s": 12.0, "iterations": 20, "num_gpus": 1,
+              "precision": "fp32", "peak_memory_mb": None,
+              "versions": {"python": "3.11.9", "torch": "2.14.1", "detectron2": "0.6"}}
+    (folder / "metrics.json").write_text(json.dumps(record))
+
+
+def row(summary, weights, task, metric):
+    match = summary[(summary["weights"] == weights) & (summary["task"] == task)
+                    & (summary["metric"] == metric)]
+    assert len(match) == 1, match
+    return match.iloc[0]
+
+
+@pytest.fixture
+def suite_dir(tmp_path):
+    sup = {"AP": [50.0, 52.0, 54.0], "AP50": [80.0, 81.0, 82.5], "AP75": [55.0, 56.0, 57.0]}
+    moco = {"AP": [53.0, 55.5, 57.0], "AP50": [80.5, 82.0, 83.0], "AP75": [60.0, 61.0, 62.0]}
+    for seed in range(3):
+        write_run(tmp_path, "supervised", "voc07", seed, {k: v[seed] for k, v in sup.items()})
+        metrics = {k: v[seed] for k, v in moco.items()}
+        if seed == 1:
+            del metrics["AP75"]  # this run did not report AP75
+        write_run(tmp_path, "moco", "voc07", seed, metrics)
+    # COCO: one moco trial failed after reporting numbers; the failed run must not be averaged.
+    write_run(tmp_path, "supervised", "coco_fpn_1x", 0, {"APbb": 30.0, "APmk": 27.0})
+    write_run(tmp_path, "supervised", "coco_fpn_1x", 1, {"APbb": 31.0, "APmk": 28.0})
+    write_run(tmp_path, "moco", "coco_fpn_1x", 0, {"APbb": 32.0, "APmk": 29.0})
+    write_run(tmp_path, "moco", "coco_fpn_1x", 1, {"APbb": 0.0, "APmk": 0.0}, status="failed",
+              error="Traceback ...\nFloatingPointError: loss became NaN at iteration 7")
+    # LVIS: every run of moco failed, and supervised has no APr on either trial.
+    write_run(tmp_path, "supervised", "lvis_1x", 0, {"APmk": 20.0, "APr": None})
+    write_run(tmp_path, "moco", "lvis_1x", 0, status="failed", error="CUDA out of memory")
+    return tmp_path, sup, moco
+
+
+def test_mean_std_n_and_delta_against_the_baseline(suite_dir):
+    output, sup, moco = suite_dir
+    summary = report.summarize(report.load_runs(output))
+    for metric in ("AP", "AP50"):
+        s, m = row(summary, "supervised", "voc07", metric), row(summary, "moco", "voc07", metric)
+        assert s["n"] == m["n"] == 3 and s["failed"] == m["failed"] == 0
+        assert s["mean"] == pytest.approx(np.mean(sup[metric]))
+        assert s["std"] == pytest.approx(np.std(sup[metric], ddof=1))
+        assert m["mean"] == pytest.approx(np.mean(moco[metric]))
+        assert m["delta"] == pytest.approx(np.mean(moco[metric]) - np.mean(sup[metric]))
+        assert math.isnan(s["delta"])  # the baseline has no delta against itself
+    # The baseline's rows come first within each task.
+    for _, rows in summary.groupby("task"):
+        weights = rows["weights"].tolist()
+        assert weights == sorted(weights, key=lambda w: w != "supervised")
+
+
+def test_a_missing_metric_stays_missing(suite_dir):
+    output, sup, moco = suite_dir
+    runs = report.load_runs(output)
+    summary = report.summarize(runs)
+    ap75 = row(summary, "moco", "voc07", "AP75")
+    assert ap75["n"] == 2 and ap75["mean"] == pytest.approx(np.mean([60.0, 62.0]))  # not /3, no zero
+    assert ap75["delta"] == pytest.approx(61.0 - 56.0)
+    # A metric with no value in any run is listed with n = 0 and no mean, delta or std.
+    apr = row(summary, "supervised", "lvis_1x", "APr")
+    assert apr["n"] == 0 and math.isnan(apr["mean"]) and math.isnan(apr["std"])
+    assert runs[(runs["weights"] == "moco") & (runs["seed"] == 1) & (runs["task"] == "voc07")][
+        "metric"].tolist() == ["AP", "AP50"]
+
+
+def test_a_failed_run_is_reported_as_failed_not_averaged(suite_dir):
+    output, _, _ = suite_dir
+    runs = report.load_runs(output)
+    summary = report.summarize(runs)
+    bb = row(summary, "moco", "coco_fpn_1x", "APbb")
+    assert bb["n"] == 1 and bb["failed"] == 1 and bb["mean"] == 32.0 and math.isnan(bb["std"])
+    assert bb["delta"] == pytest.approx(32.0 - 30.5)
+    # All of moco's LVIS runs failed: its rows say so and hold no numbers.
+    lvis = summary[(summary["weights"] == "moco") & (summary["task"] == "lvis_1x")]
+    assert (lvis["n"] == 0).all() and (lvis["failed"] == 1).all() and lvis["mean"].isna().all()
+    failed = runs[runs["status"] == "failed"]
+    assert failed["metric"].isna().all() and failed["value"].isna().all()
+    md = report.to_markdown(summary, runs)
+    assert "## Failed runs" in md
+    assert "`moco/coco_fpn_1x/demo/seed1`: FloatingPointError: loss became NaN at iteration 7" in md
+    assert "`moco/lvis_1x/demo/seed0`: CUDA out of memory" in md
+
+
+def test_csv_and_markdown_parse_back_to_the_same_numbers(suite_dir):
+    output, _, _ = suite_dir
+    written = report.write_reports(output)
+    summary = report.summarize(report.load_runs(output), published=report.load_published())
+
+    from_csv = pd.read_csv(written.summary_csv)
+    pd.testing.assert_frame_equal(from_csv, summary, check_dtype=False)
+
+    from_md = report.read_markdown_table(written.summary_md.read_text())
+    assert list(from_md.columns[:4]) == ["weights", "task", "schedule", "metric"]
+    assert from_md[["weights", "task", "metric"]].fillna("").values.tolist() == \
+        summary[["weights", "task", "metric"]].fillna("").values.tolist()
+    for ours, theirs in (("mean", "mean"), ("std", "std"), ("n", "n"), ("failed", "failed"),
+                         ("delta", "delta vs supervised")):
+        np.testing.assert_allclose(from_md[theirs].astype(float), summary[ours].astype(float).round(2),
+                                   atol=1e-9, equal_nan=True)
+
+    runs = pd.read_csv(written.runs)
+    assert len(runs) == len(report.load_runs(output))
+    value = runs[(runs["weights"] == "moco") & (runs["task"] == "voc07") & (runs["seed"] == 1)
+                 & (runs["metric"] == "AP")]["value"]
+    assert value.tolist() == [55.5]
+    assert {"s_per_iter", "wall_time_s", "version_torch", "weights_sha256"} <= set(runs.columns)
+
+    with Image.open(written.chart) as chart:
+        assert chart.format == "PNG" and chart.width > 200
+
+
+def test_published_numbers_follow_the_task_and_schedule(tmp_path):
+    # The task registry says which published rows a task's full schedule corresponds to.
+    write_run(tmp_path, "supervised", "voc07+12", 0, {"AP": 53.0, "AP50": 81.0}, schedule="full")
+    write_run(tmp_path, "moco", "voc07+12", 0, {"AP": 56.0, "AP50": 82.0}, schedule="full")
+    write_run(tmp_path, "moco", "voc07+12", 0, {"AP": 5.0, "AP50": 8.0}, schedule="demo")
+    write_run(tmp_path, "moco", "my_shapes", 0, {"APbb": 5.0}, schedule="full")  # a custom task
+    summary = report.summarize(report.load_runs(tmp_path), published=report.load_published())
+    full = row(summary[summary["schedule"] == "full"], "moco", "voc07+12", "AP50")
+    assert full["published: supervised IN-1M"] == 81.3 and full["published: MoCo v2 IN-1M 800ep"] == 82.5
+    demo = row(summary[summary["schedule"] == "demo"], "moco", "voc07+12", "AP50")
+    assert math.isnan(demo["published: supervised IN-1M"])  # demo data is not the paper's VOC
+    custom = row(summary, "moco", "my_shapes", "APbb")
+    assert custom[[c for c in summary.columns if c.startswith("published")]].isna().all()
+
+
+def test_the_projects_copy_of_the_published_numbers_is_the_reference():
+    shared = REPO.parent / "shared" / "reference" / "published_results.csv"
+    ours = report.load_published()
+    assert {"task", "schedule", "pretrain", "metric", "value"} <= set(ours.columns)
+    if shared.is_file():  # only beside the shared reference folder
+        pd.testing.assert_frame_equal(ours, pd.read_csv(shared))
+
+
+def test_make_report_tool(suite_dir, tmp_path_factory):
+    output, _, _ = suite_dir
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "make_report.py"), str(output)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "| moco" in done.stdout and (output / "summary.csv").is_file()
+    empty = tmp_path_factory.mktemp("empty")
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "make_report.py"), str(empty)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "metrics.json" in done.stderr

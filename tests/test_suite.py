@@ -1,0 +1,215 @@
+"""The suite: planning, run identity, the per-run lock, resume after a kill, concurrent invocations."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from transfer import suite
+from transfer.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def fake_weights(tmp_path, label, content=b"weights"):
+    path = tmp_path / f"{label}.pkl"
+    path.write_bytes(content)
+    return suite.prepare_weights(str(path), tmp_path)
+
+
+def test_plan_covers_every_weights_task_and_trial_with_one_folder_each(tmp_path):
+    base = suite.prepare_weights(str(fake_weights(tmp_path, "R-50").path), tmp_path, label="supervised")
+    moco = suite.prepare_weights(f"moco_v2={fake_weights(tmp_path, 'ckpt', b'other').path}", tmp_path)
+    assert (base.label, moco.label) == ("supervised", "moco_v2")
+    runs = suite.plan([base, moco], ["voc07", "coco_fpn_1x"], "demo", 3, tmp_path / "out")
+    assert len(runs) == 2 * 2 * 3
+    assert [(r.task, r.seed, r.weights.label) for r in runs[:4]] == [
+        ("voc07", 0, "supervised"), ("voc07", 0, "moco_v2"),
+        ("voc07", 1, "supervised"), ("voc07", 1, "moco_v2")]
+    assert len({r.dir for r in runs}) == len(runs)
+    assert runs[1].dir == (tmp_path / "out" / "moco_v2" / "voc07" / "demo" / "seed0").resolve()
+    assert runs[1].weights.sha256 == suite.sha256_of(moco.path)
+    with pytest.raises(UserError, match="used twice"):
+        suite.plan([moco, moco], ["voc07"], "demo", 1, tmp_path)
+    with pytest.raises(UserError, match="--trials"):
+        suite.plan([moco], ["voc07"], "demo", 0, tmp_path)
+    with pytest.raises(UserError, match="not found"):
+        suite.prepare_weights(str(tmp_path / "missing.pkl"), tmp_path)
+
+
+def test_state_is_read_from_the_run_folder(tmp_path):
+    weights = fake_weights(tmp_path, "moco")
+    [run] = suite.plan([weights], ["voc07"], "demo", 1, tmp_path / "out")
+    assert suite.state(run) == "new"
+    run.dir.mkdir(parents=True)
+    assert suite.state(run) == "interrupted"
+    record = {"status": "failed", "error": "boom", "weights_sha256": weights.sha256, "metrics": {}}
+    run.metrics_path.write_text(json.dumps(record))
+    assert suite.state(run) == "failed"
+    run.metrics_path.write_text(json.dumps({**record, "status": "ok", "metrics": {"AP": 1.0}}))
+    assert suite.state(run) == "done"
+    # The same label now names another file: its old results must not pass for this one's.
+    other = fake_weights(tmp_path / "out", "moco", b"changed")
+    [changed] = suite.plan([other], ["voc07"], "demo", 1, tmp_path / "out")
+    with pytest.raises(UserError, match="another weights file"):
+        suite.state(changed)
+
+
+def test_the_run_lock_is_exclusive_and_outlives_the_suite_in_its_subprocess(tmp_path):
+    [run] = suite.plan([fake_weights(tmp_path, "moco")], ["voc07"], "demo", 1, tmp_path / "out")
+    with suite.RunLock(run) as lock:
+        with pytest.raises(suite.RunBusy, match=f"pid {os.getpid()}"):
+            suite.RunLock(run).__enter__()
+        # A child that inherited the descriptor keeps the run locked after the parent lets go.
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                 pass_fds=(lock.fd,))
+    try:
+        with pytest.raises(suite.RunBusy):
+            suite.RunLock(run).__enter__()
+    finally:
+        child.kill()
+        child.wait()
+    with suite.RunLock(run):  # free again once the last holder is gone
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Real runs. The demo tasks take minutes per run on a CPU, so these tests point the suite at a
+# real but tiny task: a custom COCO-format dataset of two 64x48 images with a ResNet-18 FPN,
+# one training iteration at 64 px, no precise BN. Every run is a real tools/finetune.py
+# subprocess (detectron2 trains and evaluates and writes metrics.json), about 15 s of CPU each.
+TINY_OPTS = ["TEST.PRECISE_BN.ENABLED", "False", "INPUT.MIN_SIZE_TRAIN", "(64,)",
+             "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96",
+             "DATALOADER.NUM_WORKERS", "0"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import torch
+    import torchvision
+    import yaml
+    from PIL import Image, ImageDraw
+
+    from transfer.convert import convert
+
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "images").mkdir()
+    images, annotations = [], []
+    for i in range(2):
+        image = Image.new("RGB", (64, 48), (90, 90, 90))
+        x, y = 10 + 20 * i, 8 + 10 * i
+        ImageDraw.Draw(image).rectangle([x, y, x + 20, y + 20], fill=(220, 30, 30))
+        image.save(root / "images" / f"{i}.jpg")
+        images.append({"id": i + 1, "file_name": f"{i}.jpg", "width": 64, "height": 48})
+        annotations.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [x, y, 20, 20],
+                            "area": 400, "iscrowd": 0})
+    (root / "data.json").write_text(json.dumps(
+        {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "square"}]}))
+    (root / "tiny.yaml").write_text(yaml.safe_dump({
+        "name": "tiny", "format": "coco", "model": "FPN", "masks": False, "classes": "from_annotations",
+        "train": {"json": "data.json", "images": "images"}, "test": {"json": "data.json", "images": "images"},
+        "schedule": {"max_iter": 1, "steps": [], "base_lr": 0.001, "ims_per_batch": 1}}))
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), root / "r18.pth")
+    return root / "tiny.yaml", convert(root / "r18.pth", output=root / "r18.pkl").weights_path
+
+
+def suite_command(tiny, output, trials, weights=None):
+    task, pkl = tiny
+    return [sys.executable, str(REPO / "tools" / "run_suite.py"), "--tasks", str(task),
+            "--weights", f"r18={weights or pkl}", "--trials", str(trials), "--schedule", "custom",
+            "--output", str(output), *TINY_OPTS]
+
+
+def attempts(output, seed, weights="r18"):
+    log = Path(output) / weights / "tiny" / "custom" / f"seed{seed}" / "attempts.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def started(output, seed):
+    return sum(line.endswith(": started") for line in attempts(output, seed))
+
+
+def test_killed_during_run_2_of_3_the_next_invocation_runs_only_2_and_3(tiny, tmp_path):
+    import pandas as pd
+
+    output = tmp_path / "out"
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(suite_command(tiny, output, 3), stdout=log, stderr=subprocess.STDOUT,
+                                 cwd=REPO, start_new_session=True)
+        deadline = time.time() + 300
+        while not started(output, 1) and first.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert started(output, 1), (tmp_path / "first.log").read_text()
+        time.sleep(2)  # run 2's fine-tuning process is up
+        first.terminate()  # SIGTERM, as `kill` or `scancel` sends it
+        assert first.wait(timeout=60) == 130, (tmp_path / "first.log").read_text()
+    run_dir = output / "r18" / "tiny" / "custom"
+    assert json.loads((run_dir / "seed0" / "metrics.json").read_text())["status"] == "ok"
+    assert not (run_dir / "seed1" / "metrics.json").exists() and attempts(output, 1)[-1].endswith("interrupted")
+    assert not (run_dir / "seed2").exists()
+    first_result = (run_dir / "seed0" / "metrics.json").read_bytes()
+
+    second = subprocess.run(suite_command(tiny, output, 3), capture_output=True, text=True, cwd=REPO)
+    assert second.returncode == 0, second.stderr
+    assert "Plan: 3 runs (1 done, 1 interrupted, 1 new)" in second.stderr
+    assert [started(output, seed) for seed in range(3)] == [1, 2, 1]  # run 1 was not run again
+    assert (run_dir / "seed0" / "metrics.json").read_bytes() == first_result
+    summary = pd.read_csv(output / "summary.csv")
+    assert (summary["n"] == 3).all() and (summary["failed"] == 0).all()
+    assert set(summary["metric"]) == {"APbb", "APbb50", "APbb75"} and (summary["task"] == "tiny").all()
+    assert sorted(pd.read_csv(output / "runs.csv")["seed"].unique()) == [0, 1, 2]
+
+
+def test_concurrent_invocations_share_the_runs_without_duplicating_one(tiny, tmp_path):
+    import pandas as pd
+
+    output = tmp_path / "out"
+    logs = [open(tmp_path / f"suite{i}.log", "w+") for i in range(2)]
+    suites = [subprocess.Popen(suite_command(tiny, output, 2), stdout=log, stderr=subprocess.STDOUT,
+                               cwd=REPO) for log in logs]
+    codes = [s.wait(timeout=600) for s in suites]
+    outputs = [(tmp_path / f"suite{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 0], outputs
+    assert [started(output, seed) for seed in range(2)] == [1, 1]
+    # Both invocations end with the complete report, whichever one ran which run.
+    summary = pd.read_csv(output / "summary.csv")
+    assert (summary["n"] == 2).all()
+
+
+def test_a_failed_run_is_recorded_reported_and_run_again(tiny, tmp_path):
+    import pandas as pd
+
+    broken = tmp_path / "broken.pkl"
+    broken.write_bytes(b"not a pickle")
+    output = tmp_path / "out"
+    for attempt in (1, 2):
+        done = subprocess.run(suite_command(tiny, output, 1, weights=broken), capture_output=True,
+                              text=True, cwd=REPO)
+        assert done.returncode == 1 and "FAILED" in done.stderr, done.stderr
+        assert started(output, 0) == attempt  # a failed run is re-run by the next invocation
+    record = json.loads((output / "r18" / "tiny" / "custom" / "seed0" / "metrics.json").read_text())
+    assert record["status"] == "failed" and record["error"]
+    summary = pd.read_csv(output / "summary.csv")
+    assert (summary["n"] == 0).all() and (summary["failed"] == 1).all() and summary["mean"].isna().all()
+    assert "## Failed runs" in (output / "summary.md").read_text()
+
+
+def test_slurm_launcher_submits_each_run_as_a_job(tiny, tmp_path):
+    # submitit's "local" cluster runs the jobs the SLURM launcher submits as processes on this machine.
+    task, pkl = tiny
+    weights = suite.prepare_weights(f"r18={pkl}", tmp_path)
+    tasks = suite.resolve_tasks(str(task), "custom")
+    runs = suite.plan([weights], tasks, "custom", 1, tmp_path / "out")
+    launcher = suite.SlurmLauncher(tmp_path / "out", opts=TINY_OPTS, partition="gpu", time_min=30,
+                                   cluster="local")
+    outcomes = suite.run_suite(runs, launcher)
+    assert [o.status for o in outcomes] == ["ok"] and "APbb50" in outcomes[0].metrics
+    assert list((tmp_path / "out" / "slurm").glob("*/*_submission.sh")) or \
+        list((tmp_path / "out" / "slurm").glob("*/*_log.out"))
+    assert started(tmp_path / "out", 0) == 1
+    # Done runs are not submitted again.
+    assert suite.run_suite(runs, launcher) == []

@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Fine-tune weights on transfer tasks, next to a supervised baseline, and report the numbers.
+
+    python tools/run_suite.py --tasks voc07+12,coco_fpn_1x --weights moco.pkl \\
+        --baseline R-50.pkl --trials 5 --schedule full --output results/moco [--num-gpus 8]
+
+Every (weights, task, trial) is one run with its own folder under --output; running the same
+command again skips finished runs and re-runs failed or interrupted ones. The reports (runs.csv,
+summary.csv, summary.md, deltas.png) are rewritten at the end; tools/make_report.py rewrites them
+at any time. With --schedule demo and no --datasets, the built-in demo datasets are used.
+"""
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from transfer import report, suite
+from transfer.errors import UserError, cli
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", required=True,
+                   help="comma-separated task names or custom dataset YAML files, or all")
+    p.add_argument("--weights", required=True, nargs="+", metavar="[LABEL=]FILE",
+                   help="weights to evaluate: detectron2 .pkl, or a checkpoint to convert "
+                        "(MoCo, torchvision); labelled by file name unless LABEL= is given")
+    p.add_argument("--baseline", metavar="FILE",
+                   help=f"supervised ImageNet weights (torchvision .pth or detectron2 / MSRA .pkl), "
+                        f"labelled '{suite.BASELINE}' and compared against")
+    p.add_argument("--trials", type=int, default=1, help="runs per weights and task, seeds 0..N-1 "
+                                                         "(the paper averages 5)")
+    p.add_argument("--schedule", default="full",
+                   help="full (the paper's), quick (1/8 of it) or demo (built-in demo data, CPU); "
+                        "a custom dataset YAML with its own schedule adds 'custom'")
+    p.add_argument("--output", required=True, type=Path, help="suite folder, e.g. results/NAME")
+    p.add_argument("--datasets", type=Path,
+                   help="datasets root (default: $DETECTRON2_DATASETS; the demo data for --schedule demo)")
+    p.add_argument("--num-gpus", type=int, default=1, help="GPUs per run")
+    p.add_argument("--launcher", default="local", choices=["local", "slurm"])
+    p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                   help="detectron2 config overrides for every run, after all flags (e.g. "
+                        "SOLVER.IMS_PER_BATCH 8); an output folder keeps the overrides it was started with")
+    slurm = p.add_argument_group("SLURM (--launcher slurm): one job per run")
+    slurm.add_argument("--partition", help="SLURM partition")
+    slurm.add_argument("--time", type=int, default=24 * 60, metavar="MINUTES", help="time limit per run")
+    slurm.add_argument("--cpus-per-gpu", type=int, default=8)
+    slurm.add_argument("--mem-gb", type=int, help="memory per job")
+    return p.parse_args(argv)
+
+
+def datasets_root(args):
+    if args.datasets is not None:
+        if not args.datasets.is_dir():
+            raise UserError(f"--datasets {args.datasets}: not a folder")
+        return args.datasets.resolve()
+    if args.schedule == "demo":
+        from transfer.datasets import demo
+
+        return demo.ensure()
+    return None  # tools/finetune.py reads $DETECTRON2_DATASETS
+
+
+def make_launcher(args, datasets):
+    if args.num_gpus < 1:
+        raise UserError(f"--num-gpus: must be at least 1, got {args.num_gpus}")
+    if args.launcher == "slurm":
+        return suite.SlurmLauncher(args.output, args.num_gpus, datasets, args.opts, args.partition,
+                                   args.time, args.cpus_per_gpu, args.mem_gb)
+    if args.num_gpus > 1:
+        import torch
+
+        if torch.cuda.device_count() < args.num_gpus:
+            raise UserError(f"--num-gpus {args.num_gpus}: this machine has "
+                            f"{torch.cuda.device_count()} GPU(s)")
+    return suite.LocalLauncher(args.num_gpus, datasets, args.opts)
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill, scancel) stops the run in progress like Ctrl-C
+
+
+@cli
+def main(argv=None):
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
+    tasks = suite.resolve_tasks(args.tasks, args.schedule)
+    weights = [suite.prepare_weights(w, args.output) for w in args.weights]
+    if any(w.label == suite.BASELINE for w in weights):
+        raise UserError(f"--weights: the label '{suite.BASELINE}' is reserved for --baseline")
+    if args.baseline:
+        weights.insert(0, suite.prepare_weights(args.baseline, args.output, label=suite.BASELINE))
+    datasets = datasets_root(args)
+    launcher = make_launcher(args, datasets)
+    suite.check_datasets(tasks, datasets)
+    runs = suite.plan(weights, tasks, args.schedule, args.trials, args.output)
+    suite.check_settings(args.output, args.opts)
+    try:
+        outcomes = suite.run_suite(runs, launcher)
+    except KeyboardInterrupt:
+        print("\nstopped: finished runs are kept; run the same command again to resume",
+              file=sys.stderr)
+        sys.exit(130)
+
+    written = report.write_reports(args.output, baseline=suite.BASELINE)
+    print(written.summary_md.read_text())
+    print(f"reports: {written.runs}, {written.summary_csv}, {written.summary_md}, {written.chart}")
+    unfinished = [o for o in outcomes if o.status != "ok"]
+    if unfinished:
+        print(f"{len(unfinished)} run(s) did not succeed: " + ", ".join(o.run.name for o in unfinished),
+              file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

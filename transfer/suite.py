@@ -1,0 +1,484 @@
+"""A transfer suite: plan every (weights, task, trial) run, run the missing ones, resume after a stop.
+
+A run is identified by (weights file hash, task, schedule, seed) and owns one folder,
+
+    <output>/<weights label>/<task>/<schedule>/seed<seed>/
+
+in which ``tools/finetune.py`` writes ``metrics.json`` atomically when the run ends (also when it
+fails). The suite decides what to run from those files alone: a run whose metrics.json says "ok"
+is done; a failed run, or one that was interrupted (no metrics.json), runs again. A Ctrl-C or a
+crash therefore loses at most the runs in progress.
+
+Each run executes in its own ``tools/finetune.py`` subprocess (a crash, a leak or a CUDA error
+cannot take the suite down) while the suite holds an exclusive ``flock`` on the run's ``.lock``
+file; the subprocess inherits the lock, so it stays held as long as either of them lives.
+Concurrent invocations on the same output therefore never run the same run twice: a run locked by
+another invocation is waited for at the end and only re-run if that invocation did not finish it.
+
+Launchers: ``local`` runs one run at a time on this machine, each on ``num_gpus`` GPUs through
+detectron2's launch (inside tools/finetune.py); ``slurm`` submits each run as a job through
+submitit, and the job takes the same lock on the shared file system.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transfer.errors import UserError
+from transfer.fileio import atomic_write_json
+
+REPO = Path(__file__).resolve().parent.parent
+FINETUNE = REPO / "tools" / "finetune.py"
+BASELINE = "supervised"
+LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+# ---------------------------------------------------------------------------------------------
+# What to run
+
+@dataclass(frozen=True)
+class Weights:
+    label: str   # the name reports use; "supervised" marks the baseline
+    path: Path   # detectron2 weights (.pkl), with its config overlay beside it when converted
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Run:
+    weights: Weights
+    task: str  # a registered task's name, or the name inside a custom dataset YAML
+    schedule: str
+    seed: int
+    output: Path
+    task_spec: str = ""  # what tools/finetune.py --task gets: the name, or the custom YAML's path
+
+    @property
+    def name(self) -> str:
+        return f"{self.weights.label}/{self.task}/{self.schedule}/seed{self.seed}"
+
+    @property
+    def dir(self) -> Path:
+        return self.output / self.weights.label / self.task / self.schedule / f"seed{self.seed}"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.dir / "metrics.json"
+
+
+def sha256_of(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepare_weights(spec: str, workdir, label: str | None = None) -> Weights:
+    """``[LABEL=]PATH`` -> detectron2 weights; other checkpoint layouts are converted into workdir.
+
+    A ``.pkl`` is used as it is (ours, or detectron2's MSRA R-50.pkl); anything else (a MoCo
+    checkpoint, a torchvision state dict) goes through transfer.convert once, into
+    ``<workdir>/weights/<label>.pkl`` with its overlay, and is reused while it is newer than the source.
+    """
+    given_label, sep, path = spec.partition("=")
+    if not sep:
+        given_label, path = "", spec
+    path = Path(path).expanduser()
+    label = label or given_label or path.name.split(".")[0]
+    if not LABEL.match(label):
+        raise UserError(f"{spec}: label '{label}' must be letters, digits and ._+- (name it with LABEL=PATH)")
+    if not path.is_file():
+        raise UserError(f"{path}: weights file not found")
+    if path.suffix != ".pkl":
+        converted = Path(workdir) / "weights" / f"{label}.pkl"
+        if not converted.is_file() or converted.stat().st_mtime < path.stat().st_mtime:
+            from transfer.convert import convert
+
+            convert(path, output=converted)
+        path = converted
+    return Weights(label, path.resolve(), sha256_of(path))
+
+
+def resolve_tasks(spec: str, schedule: str) -> dict[str, str]:
+    """``all``, or comma-separated task names / custom dataset YAML files -> {folder name: spec}.
+
+    ``all`` is every registered task except the variants other tasks fall back to (LVIS v0.5 runs
+    in place of LVIS v1 when only v0.5 is on disk). A custom task's folder is its YAML's stem.
+    """
+    from transfer.tasks import TASKS, get_task
+
+    if spec.strip() == "all":
+        fallbacks = {task.fallback for task in TASKS.values()}
+        specs = [name for name in TASKS if name not in fallbacks]
+    else:
+        specs = [t.strip() for t in spec.split(",") if t.strip()]
+    if not specs:
+        raise UserError(f"--tasks: no task given (one or more of: {', '.join(TASKS)}, or all)")
+    tasks = {}
+    for one in specs:
+        task = get_task(one)
+        custom = one.endswith((".yaml", ".yml"))
+        name = Path(one).stem if custom else task.name
+        if schedule not in task.schedules:
+            raise UserError(f"--schedule: task {name} has no '{schedule}' schedule "
+                            f"(it has: {', '.join(task.schedules)})")
+        value = str(Path(one).resolve()) if custom else one
+        if not LABEL.match(name) or tasks.get(name, value) != value:
+            raise UserError(f"--tasks {one}: the task folder name '{name}' is not usable or not unique")
+        tasks[name] = value
+    return tasks
+
+
+def check_datasets(tasks: dict[str, str], root=None) -> None:
+    """Fail before any training when a registered task's datasets are not on disk (one clear line).
+
+    A task with a ``fallback`` (LVIS v1 -> v0.5) passes when the fallback's datasets are there.
+    Custom tasks (YAML) checked their own files when they were registered.
+    """
+    from transfer.datasets import catalog
+    from transfer.tasks import get_task
+
+    for spec in tasks.values():
+        if spec.endswith((".yaml", ".yml")):
+            continue
+        task = get_task(spec)
+        try:
+            catalog.check(task.train + task.test, root)
+        except UserError:
+            if not task.fallback:
+                raise
+            fallback = get_task(task.fallback)
+            catalog.check(fallback.train + fallback.test, root)
+
+
+def check_settings(output, opts=()) -> None:
+    """Config overrides apply to every run of an output folder: refuse to mix results of different ones.
+
+    The first invocation records them in ``<output>/suite.json``; a later one with other overrides
+    must use another output folder (each run's metrics.json also holds its resolved config).
+    """
+    path = Path(output) / "suite.json"
+    wanted = {"opts": [str(o) for o in opts]}
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        if recorded.get("opts", []) != wanted["opts"]:
+            raise UserError(f"{path}: this output's runs used the config overrides "
+                            f"{recorded.get('opts') or 'none'}, not {wanted['opts'] or 'none'}; "
+                            "use another --output")
+    else:
+        atomic_write_json(path, wanted)
+
+
+def plan(weights: list[Weights], tasks, schedule: str, trials: int, output) -> list[Run]:
+    """Every (task, trial, weights) run, in that order; ``tasks``: names, or {name: spec}."""
+    if trials < 1:
+        raise UserError(f"--trials: must be at least 1, got {trials}")
+    labels = [w.label for w in weights]
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise UserError(f"--weights: the label {duplicates[0]} is used twice; name them with LABEL=PATH")
+    output = Path(output).resolve()
+    tasks = tasks if isinstance(tasks, dict) else {name: name for name in tasks}
+    return [Run(w, task, schedule, seed, output, task_spec)
+            for task, task_spec in tasks.items() for seed in range(trials) for w in weights]
+
+
+# ---------------------------------------------------------------------------------------------
+# The state of a run, read from its folder
+
+def read_metrics(run: Run) -> dict | None:
+    try:
+        return json.loads(run.metrics_path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {"status": "failed", "error": f"{run.metrics_path}: unreadable"}
+
+
+def state(run: Run) -> str:
+    """``done`` (metrics.json says ok), ``failed``, ``interrupted`` (started, no result) or ``new``."""
+    record = read_metrics(run)
+    if record is None:
+        return "interrupted" if run.dir.is_dir() else "new"
+    if record.get("weights_sha256") not in (None, run.weights.sha256):
+        raise UserError(f"{run.dir}: holds results of another weights file labelled "
+                        f"'{run.weights.label}' (sha256 {record['weights_sha256'][:12]}..., now "
+                        f"{run.weights.sha256[:12]}...); give this one another label or --output")
+    return "done" if record.get("status") == "ok" else "failed"
+
+
+class RunBusy(Exception):
+    """Another process holds the run's lock."""
+
+
+class RunLock:
+    """An exclusive, non-blocking (or waiting) flock on ``<run dir>/.lock``.
+
+    flock locks belong to the open file, so a subprocess that inherits the descriptor keeps the run
+    locked even if the suite itself is killed; the kernel drops the lock when the last holder exits.
+    """
+
+    def __init__(self, run: Run, wait: bool = False):
+        self.path = run.dir / ".lock"
+        self.wait = wait
+        self.fd = -1
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "another process"
+        except OSError:
+            return "another process"
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(self.fd)
+            raise RunBusy(self.holder()) from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+
+
+def locked_by(run: Run) -> str | None:
+    """Who holds the run's lock right now, or None."""
+    if not (run.dir / ".lock").exists():
+        return None
+    try:
+        with RunLock(run):
+            return None
+    except RunBusy as busy:
+        return str(busy)
+
+
+# ---------------------------------------------------------------------------------------------
+# Executing one run
+
+@dataclass
+class Outcome:
+    run: Run
+    status: str                  # ok | failed | busy (another process holds it)
+    metrics: dict = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def finetune_command(run: Run, num_gpus: int, datasets=None, opts=()) -> list[str]:
+    command = [sys.executable, str(FINETUNE), "--task", run.task_spec or run.task,
+               "--weights", str(run.weights.path), "--schedule", run.schedule, "--seed", str(run.seed),
+               "--output", str(run.dir), "--num-gpus", str(num_gpus)]
+    if datasets is not None:
+        command += ["--datasets", str(datasets)]
+    return command + [str(o) for o in opts]
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _note_attempt(run: Run, what: str) -> None:
+    """One line per attempt in <run dir>/attempts.log: when, where, how it ended."""
+    with open(run.dir / "attempts.log", "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()} on {socket.gethostname()}: {what}\n")
+
+
+def _record_failure(run: Run, error: str) -> None:
+    """A metrics.json for a run that died without writing one (killed, out of memory, ...)."""
+    atomic_write_json(run.metrics_path, {
+        "status": "failed", "error": error, "task": run.task, "schedule": run.schedule,
+        "seed": run.seed, "weights": str(run.weights.path), "weights_sha256": run.weights.sha256,
+        "metrics": {}})
+
+
+def execute(run: Run, num_gpus: int = 1, datasets=None, opts=(), wait: bool = False) -> Outcome:
+    """Run one run in a tools/finetune.py subprocess under the run's lock; skip it if it is done.
+
+    With ``wait`` False a run locked by another process returns status ``busy``; with ``wait``
+    True the call waits for that process and runs the run only if it did not finish it.
+    """
+    start = time.time()
+    try:
+        with RunLock(run, wait=wait) as lock:
+            if state(run) == "done":
+                return Outcome(run, "ok", read_metrics(run).get("metrics") or {})
+            # A failed attempt's record must not stand for this attempt while it runs.
+            if run.metrics_path.exists():
+                os.replace(run.metrics_path, run.dir / "metrics.previous.json")
+            log = run.dir / "finetune.log"
+            _note_attempt(run, "started")
+            with open(log, "w") as out:
+                process = subprocess.Popen(finetune_command(run, num_gpus, datasets, opts), cwd=REPO,
+                                           stdout=out, stderr=subprocess.STDOUT, pass_fds=(lock.fd,))
+                try:
+                    code = process.wait()
+                except BaseException:  # Ctrl-C / SIGTERM: stop the run, leave it "interrupted"
+                    process.terminate()
+                    try:
+                        process.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        process.kill()
+                        process.wait()
+                    _note_attempt(run, "interrupted")
+                    raise
+            _note_attempt(run, f"exit code {code}")
+            record = read_metrics(run)
+            if record is None:
+                error = f"tools/finetune.py exited with code {code} without writing metrics.json"
+                if code < 0:
+                    error = f"tools/finetune.py was killed by signal {-code}"
+                tail = _log_tail(log)
+                _record_failure(run, error + (f"; last lines of {log}:\n{tail}" if tail else ""))
+                record = read_metrics(run)
+    except RunBusy as busy:
+        return Outcome(run, "busy", error=f"running in {busy}")
+    status = "ok" if record.get("status") == "ok" else "failed"
+    return Outcome(run, status, record.get("metrics") or {}, record.get("error"), time.time() - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+class LocalLauncher:
+    """One run after the other on this machine; each run uses ``num_gpus`` GPUs (detectron2 launch)."""
+
+    def __init__(self, num_gpus: int = 1, datasets=None, opts=()):
+        self.num_gpus, self.datasets, self.opts = num_gpus, datasets, tuple(opts)
+
+    def __call__(self, runs: list[Run], on_start, on_done) -> list[Outcome]:
+        outcomes, busy = [], []
+        for run in runs:
+            on_start(run)
+            outcome = execute(run, self.num_gpus, self.datasets, self.opts)
+            if outcome.status == "busy":
+                busy.append(outcome)
+            else:
+                on_done(outcome)
+                outcomes.append(outcome)
+        # Runs another invocation was running: wait for it, and finish them if it did not.
+        for waiting in busy:
+            on_start(waiting.run, f"waiting for {waiting.error}")
+            outcome = execute(waiting.run, self.num_gpus, self.datasets, self.opts, wait=True)
+            on_done(outcome)
+            outcomes.append(outcome)
+        return outcomes
+
+
+class SlurmLauncher:
+    """Each run as one SLURM job (submitit): one node, ``num_gpus`` GPUs, the same lock on shared disk.
+
+    ``cluster`` is submitit's: None picks SLURM when ``sbatch`` exists; "local" or "debug" run the
+    same jobs on this machine (what the tests use).
+    """
+
+    def __init__(self, output, num_gpus: int = 1, datasets=None, opts=(), partition: str | None = None,
+                 time_min: int = 24 * 60, cpus_per_gpu: int = 8, mem_gb: int | None = None,
+                 cluster: str | None = None):
+        import submitit
+
+        self.num_gpus, self.datasets, self.opts = num_gpus, datasets, tuple(opts)
+        self.executor = submitit.AutoExecutor(folder=Path(output) / "slurm" / "%j", cluster=cluster)
+        if cluster is None and self.executor.cluster != "slurm":
+            raise UserError("--launcher slurm: no SLURM found on this machine (sbatch is not on PATH)")
+        parameters = dict(name="moco-transfer", nodes=1, tasks_per_node=1, timeout_min=time_min,
+                          cpus_per_task=cpus_per_gpu * max(1, num_gpus), slurm_partition=partition)
+        if self.executor.cluster == "slurm":
+            parameters["gpus_per_node"] = num_gpus
+        if mem_gb:
+            parameters["mem_gb"] = mem_gb
+        self.executor.update_parameters(**{k: v for k, v in parameters.items() if v is not None})
+
+    def __call__(self, runs: list[Run], on_start, on_done) -> list[Outcome]:
+        import submitit
+
+        jobs, outcomes = {}, []
+        for run in runs:
+            holder = locked_by(run)
+            if holder:  # a job of an earlier invocation is running it
+                outcome = Outcome(run, "busy", error=f"running in {holder}")
+                on_done(outcome)
+                outcomes.append(outcome)
+                continue
+            job = self.executor.submit(execute, run, self.num_gpus, self.datasets, self.opts)
+            on_start(run, f"submitted as job {job.job_id}")
+            jobs[job] = run
+        for job in submitit.helpers.as_completed(list(jobs)):
+            run = jobs[job]
+            try:
+                outcome = job.result()
+            except Exception as e:  # the job itself died: pre-empted, time limit, node failure
+                if state(run) in ("new", "interrupted"):
+                    _record_failure(run, f"SLURM job {job.job_id} failed: {str(e).strip()[-2000:]}")
+                record = read_metrics(run)
+                outcome = Outcome(run, "ok" if record.get("status") == "ok" else "failed",
+                                  record.get("metrics") or {}, record.get("error"))
+            on_done(outcome)
+            outcomes.append(outcome)
+        return outcomes
+
+
+# ---------------------------------------------------------------------------------------------
+# The suite
+
+def describe(runs: list[Run]) -> str:
+    """The plan as a table: per task x weights, trials done / planned."""
+    import pandas as pd
+
+    table = pd.DataFrame({"task": [r.task for r in runs], "weights": [r.weights.label for r in runs],
+                          "state": [state(r) for r in runs]})
+    cells = (table.groupby(["task", "weights"], sort=False)["state"]
+             .agg(lambda s: f"{(s == 'done').sum()}/{len(s)}").unstack("weights")
+             .reindex(index=table["task"].unique(), columns=table["weights"].unique()))
+    counts = table["state"].value_counts()
+    states = ", ".join(f"{counts[s]} {s}" for s in ("done", "failed", "interrupted", "new") if s in counts)
+    return f"Plan: {len(runs)} runs ({states}); trials done / planned:\n{cells.to_string()}"
+
+
+def run_suite(runs: list[Run], launcher, stream=sys.stderr) -> list[Outcome]:
+    """Show the plan, run every run that is not done (with a progress bar), return the outcomes."""
+    from tqdm import tqdm
+
+    print(describe(runs), file=stream, flush=True)
+    pending = [r for r in runs if state(r) != "done"]
+    bar = tqdm(total=len(runs), initial=len(runs) - len(pending), unit="run", file=stream,
+               dynamic_ncols=True)
+
+    def on_start(run, note=""):
+        bar.set_description(run.name)
+        if note:
+            bar.write(f"{run.name}: {note}", file=stream)
+
+    def on_done(outcome: Outcome):
+        if outcome.status == "ok":
+            shown = ", ".join(f"{k} {v:.1f}" for k, v in list(outcome.metrics.items())[:4]
+                              if isinstance(v, (int, float)))
+            bar.write(f"{outcome.run.name}: ok in {outcome.seconds:.0f} s  {shown}", file=stream)
+            bar.update(1)
+        elif outcome.status == "failed":
+            error = (outcome.error or "").strip().splitlines()  # a traceback ends with the message
+            bar.write(f"{outcome.run.name}: FAILED: {error[-1] if error else ''} "
+                      f"(see {outcome.run.dir / 'finetune.log'})", file=stream)
+            bar.update(1)
+        else:
+            bar.write(f"{outcome.run.name}: {outcome.error}; run again to collect it", file=stream)
+
+    try:
+        return launcher(pending, on_start, on_done)
+    finally:
+        bar.close()
