@@ -10,12 +10,14 @@ from transfer import d2compat
 
 
 def test_patches_only_what_is_missing_on_this_stack():
-    # The pinned stack (numpy 1.23, Pillow 9.5) still has every alias: only the compiled-ops
-    # stand-in may be needed, and only when detectron2 was installed without them.
+    # The pinned stack (numpy 1.23, Pillow 9.5, setuptools < 82) still has every alias: only the
+    # compiled-ops stand-in may be needed (when detectron2 was installed without them), and the
+    # resume fix that torch >= 2.6 needs.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert np.str is str and np.float is float and Image.LINEAR == Image.BILINEAR
     expected = [] if d2compat.has_compiled_ops() else ["detectron2._C"]
+    expected.append("fvcore Checkpointer resume (weights_only)")
     assert d2compat.PATCHED == expected
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.resources
 import importlib.util
+import os
 import sys
 import types
 import warnings
@@ -122,3 +123,51 @@ def coco_fast_eval_available() -> bool:
 
 
 PATCHED: list[str] = _patch_numpy() + _patch_pillow() + _patch_pkg_resources() + _patch_compiled_ops()
+
+
+def allow_cpu_ddp() -> None:
+    """detectron2 0.6 wraps models in DDP with ``device_ids=[local rank]``, which only GPU
+    models accept; a CPU model (multi-process CPU runs over gloo) needs ``device_ids=None``.
+    Called by transfer/d2/launch.py in CPU worker processes only."""
+    import detectron2.engine.defaults as defaults
+
+    if getattr(defaults.create_ddp_model, "_cpu_aware", False):
+        return
+    original = defaults.create_ddp_model
+
+    def create_ddp_model(model, **kwargs):
+        if next(model.parameters()).device.type == "cpu":
+            kwargs.setdefault("device_ids", None)
+        return original(model, **kwargs)
+
+    create_ddp_model._cpu_aware = True
+    defaults.create_ddp_model = create_ddp_model
+
+
+def _patch_checkpoint_resume() -> list[str]:
+    """torch >= 2.6 loads with ``weights_only=True`` by default, which refuses the optimizer and
+    LR-scheduler objects in detectron2's own training checkpoints, so resuming fails. Only the
+    checkpointer's own files (``last_checkpoint`` in its ``save_dir``) are loaded fully; anything
+    else (e.g. a user's weights) keeps torch's safe default."""
+    import torch
+
+    if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 6):
+        return []  # older torch loads everything by default
+    from fvcore.common.checkpoint import Checkpointer
+
+    if getattr(Checkpointer._load_file, "_own_checkpoints_trusted", False):
+        return []
+    original = Checkpointer._load_file
+
+    def _load_file(self, f):
+        own = bool(self.save_dir) and os.path.dirname(os.path.abspath(f)) == os.path.abspath(self.save_dir)
+        if own and f.endswith(".pth"):
+            return torch.load(f, map_location=torch.device("cpu"), weights_only=False)
+        return original(self, f)
+
+    _load_file._own_checkpoints_trusted = True
+    Checkpointer._load_file = _load_file
+    return ["fvcore Checkpointer resume (weights_only)"]
+
+
+PATCHED += _patch_checkpoint_resume()

@@ -1,0 +1,163 @@
+"""The task registry and config resolution (no training): protocol settings, scaling, norms."""
+import csv
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from transfer import d2compat  # noqa: F401
+
+from transfer import finetune as ft
+from transfer.d2 import evaluation
+from transfer.d2.config import get_cfg, load_yaml
+from transfer.errors import UserError
+from transfer.tasks import QUICK_FRACTION, REPO, TASKS, get_task
+
+PUBLISHED = [REPO / "results" / "published_results.csv", Path("/work/shared/reference/published_results.csv")]
+
+
+@pytest.fixture(scope="module")
+def moco_weights(tmp_path_factory):
+    """A random torchvision ResNet-50 in MoCo's checkpoint layout, converted by our converter."""
+    from transfer.convert import convert
+
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    state = {f"module.encoder_q.{k}": v for k, v in torchvision.models.resnet50().state_dict().items()}
+    torch.save({"epoch": 1, "arch": "resnet50", "state_dict": state}, folder / "moco.pth.tar")
+    return convert(folder / "moco.pth.tar", output=folder / "moco.pkl").weights_path
+
+
+@pytest.fixture(scope="module")
+def msra_weights(moco_weights, tmp_path_factory):
+    """Weights with the overlay of detectron2's MSRA R-50.pkl (BGR, caffe pixels, FrozenBN)."""
+    import yaml
+
+    from transfer.convert import STYLES
+
+    folder = tmp_path_factory.mktemp("msra")
+    (folder / "R-50.pkl").write_bytes(Path(moco_weights).read_bytes())
+    (folder / "R-50.yaml").write_text(yaml.safe_dump(STYLES["msra"]))
+    return folder / "R-50.pkl"
+
+
+def resolve(task="voc07+12", weights=None, schedule="full", **kw):
+    return ft.resolve_config(get_task(task), weights, schedule, **kw)
+
+
+def test_registry_has_the_papers_tasks():
+    expected = {"voc07+12", "voc07", "coco_c4_1x", "coco_c4_2x", "coco_fpn_1x", "coco_fpn_2x", "coco_kp_2x",
+                "lvis_1x", "lvis_2x", "cityscapes_inst"}
+    assert expected <= set(TASKS)
+    with pytest.raises(UserError, match="unknown task"):
+        get_task("voc2077")
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_task_is_consistent(name, moco_weights):
+    task = TASKS[name]
+    if task.config.startswith("configs/detection/"):  # each detection YAML reads alone, datasets too
+        raw = ft.task_config(task)
+        assert tuple(raw.DATASETS.TRAIN) == task.train and tuple(raw.DATASETS.TEST) == task.test
+    assert task.evaluator in evaluation.EVALUATORS
+    assert set(task.metrics) <= set(evaluation.HEADLINES[task.evaluator])
+    for schedule in ("full", "quick", "demo"):
+        cfg = resolve(name, moco_weights, schedule)
+        assert cfg.TRANSFER.EVALUATOR == task.evaluator and cfg.MODEL.WEIGHTS == str(moco_weights)
+        assert cfg.MODEL.BACKBONE.FREEZE_AT == 0 and cfg.INPUT.FORMAT == "RGB"
+    if task.reference:
+        published = next(p for p in PUBLISHED if p.is_file())
+        rows = [r for r in csv.DictReader(published.open()) if (r["task"], r["schedule"]) == task.reference]
+        assert rows and {r["metric"] for r in rows} <= set(task.metrics)
+
+
+def test_voc_config_matches_the_official_moco_protocol(moco_weights):
+    """shared/reference/protocols.md: the official C4 config with MoCo weights, key by key."""
+    cfg = resolve("voc07+12", moco_weights)
+    assert list(cfg.MODEL.PIXEL_MEAN) == pytest.approx([123.675, 116.280, 103.530])
+    assert list(cfg.MODEL.PIXEL_STD) == pytest.approx([58.395, 57.120, 57.375])
+    assert cfg.INPUT.FORMAT == "RGB" and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
+    assert cfg.MODEL.RESNETS.DEPTH == 50 and cfg.MODEL.RESNETS.NORM == "naiveSyncBN"
+    assert cfg.MODEL.BACKBONE.FREEZE_AT == 0
+    assert cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeadsExtraNorm" and cfg.MODEL.ROI_HEADS.NUM_CLASSES == 20
+    assert cfg.MODEL.MASK_ON is False and cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
+    assert (cfg.MODEL.RPN.PRE_NMS_TOPK_TEST, cfg.MODEL.RPN.POST_NMS_TOPK_TEST) == (6000, 1000)
+    assert cfg.TEST.PRECISE_BN.ENABLED is True
+    assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR) == (16, 0.02)
+    assert (cfg.SOLVER.STEPS, cfg.SOLVER.MAX_ITER, cfg.SOLVER.WARMUP_ITERS) == ((18000, 22000), 24000, 100)
+    assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == tuple(range(480, 801, 32)) and cfg.INPUT.MIN_SIZE_TEST == 800
+    assert cfg.DATASETS.TRAIN == ("voc_2007_trainval", "voc_2012_trainval") and cfg.DATASETS.TEST == ("voc_2007_test",)
+
+
+def test_extra_norm_head_is_built(moco_weights):
+    from detectron2.modeling import build_model
+
+    cfg = resolve("voc07+12", moco_weights, "demo").clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = ""
+    model = build_model(cfg)
+    res5 = model.roi_heads.res5
+    assert isinstance(res5[-1], torch.nn.BatchNorm2d) and res5[-1].num_features == 2048
+    assert len(res5) == 4  # three bottleneck blocks, then the norm
+
+
+def test_msra_weights_bring_their_own_settings(msra_weights):
+    cfg = resolve("voc07+12", msra_weights)
+    assert cfg.INPUT.FORMAT == "BGR" and list(cfg.MODEL.PIXEL_STD) == [1.0, 1.0, 1.0]
+    assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is True
+    assert cfg.MODEL.RESNETS.NORM == "FrozenBN" and cfg.MODEL.BACKBONE.FREEZE_AT == 2
+
+
+def test_fpn_tasks_train_norm_in_backbone_and_fpn(moco_weights, caplog):
+    raw = load_yaml(get_task("coco_fpn_1x").config_path)
+    assert raw["MODEL"]["RESNETS"]["NORM"] == "SyncBN" and raw["MODEL"]["FPN"]["NORM"] == "SyncBN"
+    with caplog.at_level(logging.WARNING, logger="transfer.finetune"):
+        cfg = resolve("coco_kp_2x", moco_weights)
+    # one process: SyncBN has no process group, BN computes the same
+    assert cfg.MODEL.RESNETS.NORM == "BN" and cfg.MODEL.FPN.NORM == "BN"
+    assert "MODEL.FPN.NORM: SyncBN needs a process group" in caplog.text and "using BN" in caplog.text
+    assert cfg.MODEL.KEYPOINT_ON and cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS == 17
+    assert (cfg.SOLVER.STEPS, cfg.SOLVER.MAX_ITER) == ((120000, 160000), 180000)
+
+
+def test_quick_schedule_is_a_fraction_of_full(moco_weights):
+    full, quick = resolve("coco_c4_2x", moco_weights), resolve("coco_c4_2x", moco_weights, "quick")
+    assert quick.SOLVER.MAX_ITER == round(full.SOLVER.MAX_ITER * QUICK_FRACTION)
+    assert quick.SOLVER.STEPS == tuple(round(s * QUICK_FRACTION) for s in full.SOLVER.STEPS)
+    assert quick.SOLVER.BASE_LR == full.SOLVER.BASE_LR and quick.SOLVER.IMS_PER_BATCH == 16
+
+
+def test_gpu_scaling_follows_kaiming_hes_rule(moco_weights):
+    kept = get_cfg()
+    kept.SOLVER.IMS_PER_BATCH, kept.SOLVER.BASE_LR, kept.SOLVER.STEPS, kept.SOLVER.MAX_ITER = 16, 0.02, (18000, 22000), 24000
+    scaled = kept.clone()
+    ft.scale_for_gpus(kept, 4, None)  # memory allows: batch 16 over 4 GPUs, unchanged
+    assert (kept.SOLVER.IMS_PER_BATCH, kept.SOLVER.BASE_LR, kept.SOLVER.MAX_ITER) == (16, 0.02, 24000)
+    ft.scale_for_gpus(scaled, 1, 8)  # one GPU holding 8 images: batch 8, LR 0.01, 2x schedule
+    assert (scaled.SOLVER.IMS_PER_BATCH, scaled.SOLVER.BASE_LR) == (8, 0.01)
+    assert (scaled.SOLVER.STEPS, scaled.SOLVER.MAX_ITER) == ((36000, 44000), 48000)
+    with pytest.raises(UserError, match="--num-gpus 3"):
+        ft.scale_for_gpus(get_cfg(), 3, None)
+
+
+def test_user_opts_come_last_and_bad_ones_are_clear(moco_weights):
+    cfg = resolve("voc07", moco_weights, "demo", opts=["SOLVER.BASE_LR", "0.005", "SEED", "3"])
+    assert cfg.SOLVER.BASE_LR == 0.005
+    with pytest.raises(UserError, match="opts"):
+        resolve("voc07", moco_weights, "demo", opts=["SOLVER.NO_SUCH_KEY", "1"])
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--amp"):
+            resolve("voc07", moco_weights, "demo", amp=True)
+
+
+def test_headline_metrics_map_each_evaluator():
+    lvis = {"segm": {"AP": 20.0, "APr": -100.0, "APc": 10.0, "APf": float("nan")}, "bbox": {"AP": 22.0}}
+    assert evaluation.headline_metrics("lvis", lvis, ("APmk", "APr", "APc", "APf", "APbb")) == {
+        "APmk": 20.0, "APr": None, "APc": 10.0, "APf": None, "APbb": 22.0}
+    voc = {"bbox": {"AP": 50.0, "AP50": 80.0, "AP75": 55.0}}
+    assert evaluation.headline_metrics("voc", voc, ("AP", "AP50", "AP75")) == {"AP": 50.0, "AP50": 80.0, "AP75": 55.0}
+    with pytest.raises(KeyError):
+        evaluation.headline_metrics("voc", voc, ("mIoU",))
+    assert evaluation.json_safe({"a": float("nan"), "b": [torch.tensor(1.5)]}) == {"a": None, "b": [1.5]}

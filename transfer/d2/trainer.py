@@ -1,0 +1,71 @@
+"""detectron2's DefaultTrainer with what a transfer benchmark needs.
+
+- the evaluator is the task's (``cfg.TRANSFER.EVALUATOR``), see transfer/d2/evaluation.py;
+- a loss that becomes NaN / inf stops the run with ``TrainingDiverged`` and a message that says
+  what usually causes it, instead of a bare FloatingPointError;
+- detectron2's training log goes to ``train_log.json``: ``metrics.json`` in a run folder is ours.
+
+Kept from DefaultTrainer: precise BN (``TEST.PRECISE_BN``, run before the final evaluation), AMP
+(``SOLVER.AMP.ENABLED`` selects detectron2's AMPTrainer), checkpoints and resume, DDP.
+"""
+from __future__ import annotations
+
+import os
+
+from transfer import d2compat  # noqa: F401  (before any detectron2 import)
+
+from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+
+from transfer.d2 import evaluation
+from transfer.d2 import semseg  # also registers FCNHead
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def _mapper(cfg, is_train: bool):
+    # Semantic segmentation reads label images and augments by rescaling + cropping (semseg.py).
+    if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":
+        return semseg.SemSegMapper(cfg, is_train)
+    return DatasetMapper(cfg, is_train=is_train)
+
+
+class Trainer(DefaultTrainer):
+    @classmethod
+    def build_train_loader(cls, cfg):
+        # The training data path: detectron2's mapper (decode, resize, flip) and its
+        # aspect-ratio-grouped loader. A faster pipeline plugs in here.
+        return build_detection_train_loader(cfg, mapper=_mapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=_mapper(cfg, is_train=False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return evaluation.build_evaluator(cfg.TRANSFER.EVALUATOR, cfg, dataset_name, output_folder)
+
+    def build_writers(self):
+        os.makedirs(self.cfg.OUTPUT_DIR, exist_ok=True)
+        return [
+            CommonMetricPrinter(self.max_iter),
+            JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "train_log.json")),
+            TensorboardXWriter(self.cfg.OUTPUT_DIR),
+        ]
+
+    def run_step(self):
+        try:
+            super().run_step()
+        except FloatingPointError as e:
+            # detectron2 checks the (all-reduced) loss every iteration on the main process.
+            raise TrainingDiverged(
+                f"training diverged at iteration {self.iter}: the loss is NaN or infinite. "
+                "Usual causes: a learning rate too high for the batch size (SOLVER.BASE_LR), "
+                "pixel settings that do not match the weights (MODEL.PIXEL_MEAN/PIXEL_STD, "
+                "INPUT.FORMAT), keypoints without MODEL.FPN.NORM. "
+                f"detectron2 said: {str(e).splitlines()[-1]}"
+            ) from e

@@ -1,0 +1,375 @@
+"""Fine-tune one (task, weights, schedule, seed) with detectron2 and write its metrics.json.
+
+The config is resolved in layers, each overriding the one before:
+
+1. the task's YAML (configs/detection/..., over detectron2's model zoo) and its datasets;
+2. the weights' overlay (``transfer.convert.load_overlay``: pixel mean/std, INPUT.FORMAT,
+   STRIDE_IN_1X1, depth, norm family, FREEZE_AT) -- the settings the weights were trained with;
+3. the schedule (``full`` / ``quick`` / ``demo``, see transfer/tasks);
+4. the GPU count, by Kaiming He's rule for the MoCo configs (moco issue #11): keep
+   IMS_PER_BATCH 16 when memory allows (SyncBN makes it equivalent); otherwise halve the batch and
+   the LR and double the iterations (``max_ims_per_gpu`` says how many images one GPU holds);
+5. the user's ``opts`` (detectron2 ``KEY VALUE`` pairs);
+6. what one process can run: SyncBN needs a process group, so a single process uses BN (with a
+   warning) and CPU processes use naiveSyncBN (torch's SyncBN runs on GPUs only).
+
+The datasets are checked before anything trains; every run writes ``<output>/metrics.json``
+(atomically), also when it fails. A failed run raises ``RunFailed`` (or ``UserError`` for bad
+input) after writing its record.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import logging
+import platform
+import time
+from pathlib import Path
+
+from transfer import d2compat  # noqa: F401  (before any detectron2 import)
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from transfer import fileio
+from transfer.convert import load_overlay
+from transfer.d2 import evaluation
+from transfer.d2.config import get_cfg, merge_config_file
+from transfer.d2.launch import launch
+from transfer.errors import UserError
+from transfer.tasks import REPO, Task, get_task
+
+logger = logging.getLogger("transfer.finetune")
+
+# BN variants with the same tensors: the task's config picks among them (the paper's choice per
+# model); a weights overlay naming one of them only says "trainable BN". FrozenBN / GN in an
+# overlay are a property of the weights and win.
+TRAINABLE_BN = {"BN", "SyncBN", "naiveSyncBN", "nnSyncBN"}
+
+
+class RunFailed(RuntimeError):
+    """Training or evaluation failed; ``record`` is the metrics.json that was written."""
+
+    def __init__(self, message: str, record: dict):
+        super().__init__(message)
+        self.record = record
+
+
+# ---------------------------------------------------------------------------------------------
+# Config resolution
+
+def _dotted(flat: dict) -> list:
+    return [x for key, value in flat.items() for x in (key, value)]
+
+
+def _call(spec: str, *args):
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)(*args)
+
+
+def apply_schedule(cfg: CfgNode, task: Task, schedule: str) -> None:
+    if schedule not in task.schedules:
+        raise UserError(f"--schedule {schedule}: task {task.name} has {', '.join(task.schedules)}")
+    plan = task.schedules[schedule]
+    if plan.fraction != 1.0:
+        _scale_iterations(cfg, plan.fraction)
+    if plan.overlay:
+        merge_config_file(cfg, REPO / plan.overlay)
+    cfg.merge_from_list(_dotted(dict(plan.settings)))
+
+
+def _scale_iterations(cfg: CfgNode, factor: float) -> None:
+    cfg.SOLVER.MAX_ITER = max(1, round(cfg.SOLVER.MAX_ITER * factor))
+    cfg.SOLVER.STEPS = tuple(max(1, round(s * factor)) for s in cfg.SOLVER.STEPS)
+    cfg.TEST.EVAL_PERIOD = round(cfg.TEST.EVAL_PERIOD * factor)
+    cfg.SOLVER.CHECKPOINT_PERIOD = max(1, round(cfg.SOLVER.CHECKPOINT_PERIOD * factor))
+
+
+def scale_for_gpus(cfg: CfgNode, num_gpus: int, max_ims_per_gpu: int | None) -> None:
+    """Kaiming He's rule: keep the batch if it fits, else halve batch and LR, double the schedule."""
+    batch = cfg.SOLVER.IMS_PER_BATCH
+    if batch % num_gpus:
+        raise UserError(f"--num-gpus {num_gpus}: SOLVER.IMS_PER_BATCH {batch} must be a multiple of it")
+    halvings = 0
+    while max_ims_per_gpu and batch // num_gpus > max_ims_per_gpu:
+        if batch % 2 or (batch // 2) % num_gpus:
+            raise UserError(f"--max-ims-per-gpu {max_ims_per_gpu}: cannot split IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} "
+                            f"over {num_gpus} GPUs by halving it")
+        batch //= 2
+        halvings += 1
+    if halvings:
+        factor = 2 ** halvings
+        logger.info("%d GPU(s) x %d images: IMS_PER_BATCH %d -> %d, BASE_LR / %d, schedule x %d",
+                    num_gpus, max_ims_per_gpu, cfg.SOLVER.IMS_PER_BATCH, batch, factor, factor)
+        cfg.SOLVER.IMS_PER_BATCH = batch
+        cfg.SOLVER.BASE_LR /= factor
+        _scale_iterations(cfg, factor)
+
+
+def _fit_norms(cfg: CfgNode, num_gpus: int, on_gpu: bool) -> None:
+    if num_gpus == 1:
+        replacement, why = "BN", "SyncBN needs a process group; on one process BN computes the same"
+    elif not on_gpu:
+        replacement, why = "naiveSyncBN", "torch's SyncBN runs on GPUs only; naiveSyncBN syncs over gloo"
+    else:
+        return
+
+    def walk(node: CfgNode, prefix: str):
+        for key, value in node.items():
+            if isinstance(value, CfgNode):
+                walk(value, f"{prefix}{key}.")
+            elif key == "NORM" and value == "SyncBN":
+                logger.warning("%s%s: %s: using %s", prefix, key, why, replacement)
+                node[key] = replacement
+
+    walk(cfg, "")
+
+
+def task_config(task: Task) -> CfgNode:
+    """detectron2's defaults, the keys the task's YAML declares, then the YAML itself."""
+    cfg = get_cfg()
+    if task.extend_config:
+        _call(task.extend_config, cfg)
+    merge_config_file(cfg, task.config_path)
+    return cfg
+
+
+def resolve_config(task: Task, weights, schedule: str, seed: int = 0, output_dir=".", num_gpus: int = 1,
+                   opts=(), max_ims_per_gpu: int | None = None, amp: bool = False) -> CfgNode:
+    """The detectron2 config one run trains with (see the module docstring for the layers)."""
+    cfg = task_config(task)
+    cfg.merge_from_list(_dotted(dict(task.overrides)))
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = tuple(task.train), tuple(task.test)
+
+    overlay = load_overlay(weights)
+    if overlay.get("MODEL.RESNETS.NORM") in TRAINABLE_BN and cfg.MODEL.RESNETS.NORM in TRAINABLE_BN:
+        overlay.pop("MODEL.RESNETS.NORM")
+    cfg.merge_from_list(_dotted(overlay))
+
+    apply_schedule(cfg, task, schedule)
+    scale_for_gpus(cfg, num_gpus, max_ims_per_gpu)
+    try:
+        cfg.merge_from_list(list(opts))
+    except (AssertionError, KeyError, ValueError) as e:
+        raise UserError(f"opts {' '.join(map(str, opts))}: {e}") from None
+
+    on_gpu = torch.cuda.is_available()
+    if amp and not on_gpu:
+        raise UserError("--amp: mixed precision training needs a GPU")
+    _fit_norms(cfg, num_gpus, on_gpu)
+    cfg.MODEL.DEVICE = "cuda" if on_gpu else "cpu"
+    cfg.SOLVER.AMP.ENABLED = bool(amp or cfg.SOLVER.AMP.ENABLED)
+    cfg.SEED = seed
+    cfg.OUTPUT_DIR = str(Path(output_dir).resolve())
+    cfg.TRANSFER.TASK = task.name
+    cfg.TRANSFER.EVALUATOR = task.evaluator
+    cfg.freeze()
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks before training
+
+def check_datasets(task: Task, cfg: CfgNode, datasets_root=None) -> None:
+    """Datasets on disk and registered, and a model whose class count matches them."""
+    from transfer.datasets import catalog
+
+    catalog.check([*task.train, *task.test], datasets_root)
+    for name in [*task.train, *task.test]:
+        meta = MetadataCatalog.get(name)
+        if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":
+            key, classes = "MODEL.SEM_SEG_HEAD.NUM_CLASSES", meta.get("stuff_classes")
+            expected = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        else:
+            key, classes = "MODEL.ROI_HEADS.NUM_CLASSES", meta.get("thing_classes")
+            expected = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+        if classes is not None and len(classes) != expected:
+            raise UserError(f"{key} {expected}: dataset {name} has {len(classes)} classes "
+                            f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
+    if cfg.MODEL.KEYPOINT_ON:
+        for name in [*task.train, *task.test]:
+            names = MetadataCatalog.get(name).get("keypoint_names") or ()
+            if len(names) != cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS:
+                raise UserError(f"MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS {cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS}: "
+                                f"dataset {name} has {len(names)} keypoints")
+
+
+def _resolve_task(task: Task, datasets_root) -> Task:
+    """The task, or its fallback when only the fallback's datasets are on disk (LVIS v1 -> v0.5)."""
+    from transfer.datasets import catalog
+
+    if not task.fallback:
+        return task
+    try:
+        catalog.check([*task.train, *task.test], datasets_root)
+        return task
+    except UserError as missing:
+        fallback = get_task(task.fallback)
+        try:
+            catalog.check([*fallback.train, *fallback.test], datasets_root)
+        except UserError:
+            raise missing from None
+        logger.warning("%s: not on disk, but %s is: running task %s", missing, fallback.train[0], fallback.name)
+        return fallback
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+def sha256_of(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def versions() -> dict:
+    import detectron2
+    import torchvision
+
+    try:
+        ours = importlib.metadata.version("moco-transfer")
+    except importlib.metadata.PackageNotFoundError:
+        ours = None
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "detectron2": detectron2.__version__, "moco_transfer": ours}
+
+
+def _train_and_evaluate(cfg: CfgNode, datasets_root, resume: bool) -> dict:
+    """One process's part of the run (all processes run it); returns what the main process saw."""
+    from detectron2.utils.env import seed_all_rng
+
+    from transfer.d2.trainer import Trainer
+    from transfer.datasets import catalog
+
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="detectron2")
+    catalog.register_all(datasets_root)  # spawned processes start with detectron2's defaults
+    _register_custom_datasets(cfg)
+    seed_all_rng(cfg.SEED + comm.get_rank())
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=resume)
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    if not comm.is_main_process():
+        return {}
+    times = [t for t, _ in trainer.storage.history("time").values()] if "time" in trainer.storage.histories() else []
+    return {
+        # plain Python values: evaluators return numpy scalars, which torch.load(weights_only) refuses
+        "results": evaluation.json_safe(getattr(trainer, "_last_eval_results", {})),
+        "train_wall_time_s": wall,
+        "s_per_iter": _median(times[len(times) // 10:]) if times else None,
+        "iterations": trainer.iter,  # == MAX_ITER once training has finished
+        "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+    }
+
+
+def _register_custom_datasets(cfg: CfgNode) -> None:
+    # A custom task's datasets live in the user's YAML; spawned processes register them again.
+    if cfg.TRANSFER.TASK.endswith((".yaml", ".yml")):
+        get_task(cfg.TRANSFER.TASK)
+
+
+def _median(values):
+    values = sorted(values)
+    return values[len(values) // 2] if values else None
+
+
+def _worker(cfg: CfgNode, datasets_root, resume: bool, result_path: str):
+    result = _train_and_evaluate(cfg, datasets_root, resume)
+    if comm.is_main_process():
+        torch.save(result, result_path)
+
+
+def finetune(task, weights, schedule: str | None, seed: int, output_dir, datasets_root=None, num_gpus: int = 1,
+             opts=(), *, max_ims_per_gpu: int | None = None, amp: bool = False, resume: bool = True,
+             keep_checkpoints: bool = False) -> dict:
+    """Run one fine-tuning run; write and return its metrics.json record.
+
+    ``task``: a Task, a task name or a custom dataset YAML; ``schedule`` None: the task's default
+    (``full``, or what a custom dataset's YAML names). ``weights``: detectron2 weights (.pkl)
+    with their overlay. ``resume``: continue from ``output_dir``'s last checkpoint if there is one.
+    Checkpoints are deleted after a successful run unless ``keep_checkpoints``.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    setup_logger(str(output_dir), name="transfer")
+    weights = Path(weights)
+    task_name = task.name if isinstance(task, Task) else str(task)
+    record = {
+        "status": "failed", "error": None, "task": task_name, "schedule": schedule, "seed": seed,
+        "weights": str(weights.resolve()), "weights_sha256": None, "metrics": {}, "all_metrics": {},
+        "s_per_iter": None, "wall_time_s": None, "peak_memory_mb": None,
+        "precision": "amp" if amp else "fp32", "iterations": None, "num_gpus": num_gpus,
+        "versions": versions(), "config": None,
+    }
+    start = time.time()
+    try:
+        if not weights.is_file():
+            raise UserError(f"--weights {weights}: no such file")
+        if num_gpus < 1:
+            raise UserError(f"--num-gpus {num_gpus}: must be at least 1")
+        record["weights_sha256"] = sha256_of(weights)
+        task = task if isinstance(task, Task) else get_task(task)
+        schedule = record["schedule"] = schedule or task.default_schedule
+        from transfer.datasets import catalog
+
+        catalog.register_all(datasets_root)
+        task = _resolve_task(task, datasets_root)
+        cfg = resolve_config(task, weights, schedule, seed, output_dir, num_gpus, opts, max_ims_per_gpu, amp)
+        record.update(config=cfg.dump(), precision="amp" if cfg.SOLVER.AMP.ENABLED else "fp32",
+                      dataset_split={"train": list(task.train), "test": list(task.test)})
+        if task.name != task_name:
+            record["task_variant"] = task.name
+        if task.notes:
+            record["notes"] = list(task.notes)
+        check_datasets(task, cfg, datasets_root)
+    except UserError as e:
+        record.update(error=str(e), wall_time_s=time.time() - start)
+        fileio.atomic_write_json(output_dir / "metrics.json", record)
+        raise
+
+    result_path = output_dir / ".result.pt"
+    try:
+        launch(_worker, num_gpus, args=(cfg, datasets_root, resume, str(result_path)))
+        result = torch.load(result_path, weights_only=True)
+    except Exception as e:  # diverged, out of memory, a bug: record it, then say so
+        message = _one_line(e)
+        record.update(error=message, wall_time_s=time.time() - start)
+        fileio.atomic_write_json(output_dir / "metrics.json", record)
+        raise RunFailed(message, record) from e
+    finally:
+        result_path.unlink(missing_ok=True)
+
+    results = evaluation.json_safe(result["results"])
+    record.update(
+        status="ok",
+        metrics=evaluation.headline_metrics(task.evaluator, results, task.metrics),
+        all_metrics=results,
+        s_per_iter=result["s_per_iter"],
+        wall_time_s=time.time() - start,
+        peak_memory_mb=result["peak_memory_mb"],
+        iterations=result["iterations"],
+    )
+    fileio.atomic_write_json(output_dir / "metrics.json", record)
+    if not keep_checkpoints:
+        for path in [*output_dir.glob("model_*.pth"), output_dir / "last_checkpoint"]:
+            path.unlink(missing_ok=True)
+    logger.info("%s on %s (%s, seed %d): %s", weights.name, task.name, schedule, seed,
+                ", ".join(f"{k} {v:.1f}" if v is not None else f"{k} n/a" for k, v in record["metrics"].items()))
+    return record
+
+
+def _one_line(error: Exception) -> str:
+    """``Type: message``; for an error raised in a spawned process, the last line of its traceback."""
+    text = str(error).strip()
+    if "Traceback" in text:
+        return text.splitlines()[-1].strip()
+    return f"{type(error).__name__}: {text}"
