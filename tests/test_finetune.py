@@ -18,6 +18,7 @@ import yaml
 
 from transfer import d2compat  # noqa: F401
 
+from transfer import fileio
 from transfer import finetune as ft
 from transfer.datasets import demo
 from transfer.errors import UserError
@@ -67,7 +68,7 @@ def test_demo_schedule_trains_evaluates_and_records(name, weights, demo_root, tm
     assert set(record["metrics"]) == set(task.metrics)
     assert record["iterations"] == yaml.safe_load(record["config"])["SOLVER"]["MAX_ITER"]
     assert record["s_per_iter"] > 0 and record["precision"] == "fp32" and record["num_gpus"] == 1
-    assert record["weights_sha256"] == ft.sha256_of(weights)
+    assert record["weights_sha256"] == fileio.sha256_of(weights)
     assert record["all_metrics"] and set(record["versions"]) >= {"torch", "detectron2", "python"}
     assert not list(tmp_path.glob("model_*.pth"))  # checkpoints removed after success
     if name in LEARNS:

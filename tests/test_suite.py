@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from transfer import suite
+from transfer import fileio, suite
 from transfer.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,7 +31,7 @@ def test_plan_covers_every_weights_task_and_trial_with_one_folder_each(tmp_path)
         ("voc07", 1, "supervised"), ("voc07", 1, "moco_v2")]
     assert len({r.dir for r in runs}) == len(runs)
     assert runs[1].dir == (tmp_path / "out" / "moco_v2" / "voc07" / "demo" / "seed0").resolve()
-    assert runs[1].weights.sha256 == suite.sha256_of(moco.path)
+    assert runs[1].weights.sha256 == fileio.sha256_of(moco.path)
     with pytest.raises(UserError, match="used twice"):
         suite.plan([moco, moco], ["voc07"], "demo", 1, tmp_path)
     with pytest.raises(UserError, match="--trials"):

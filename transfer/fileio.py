@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a resumed suite) never sees a half-written file."""
+"""Atomic file writes (a reader, or a resumed suite, never sees a half-written file) and file hashes."""
+import hashlib
 import json
 import os
 import tempfile
@@ -36,3 +37,12 @@ def atomic_torch_save(obj, path) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def sha256_of(path) -> str:
+    """A weights file's identity: runs are keyed by it, so a renamed file is still the same weights."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

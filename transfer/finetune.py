@@ -19,7 +19,6 @@ input) after writing its record.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.metadata
 import logging
@@ -220,14 +219,6 @@ def _resolve_task(task: Task, datasets_root) -> Task:
 # ---------------------------------------------------------------------------------------------
 # The run
 
-def sha256_of(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def versions() -> dict:
     import detectron2
     import torchvision
@@ -316,7 +307,7 @@ def finetune(task, weights, schedule: str | None, seed: int, output_dir, dataset
             raise UserError(f"--weights {weights}: no such file")
         if num_gpus < 1:
             raise UserError(f"--num-gpus {num_gpus}: must be at least 1")
-        record["weights_sha256"] = sha256_of(weights)
+        record["weights_sha256"] = fileio.sha256_of(weights)
         task = task if isinstance(task, Task) else get_task(task)
         schedule = record["schedule"] = schedule or task.default_schedule
         from transfer.datasets import catalog

@@ -22,7 +22,6 @@ submitit, and the job takes the same lock on the shared file system.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from transfer.errors import UserError
+from transfer import fileio
 from transfer.fileio import atomic_write_json
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,14 +74,6 @@ class Run:
         return self.dir / "metrics.json"
 
 
-def sha256_of(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def prepare_weights(spec: str, workdir, label: str | None = None) -> Weights:
     """``[LABEL=]PATH`` -> detectron2 weights; other checkpoint layouts are converted into workdir.
 
@@ -105,7 +97,7 @@ def prepare_weights(spec: str, workdir, label: str | None = None) -> Weights:
 
             convert(path, output=converted)
         path = converted
-    return Weights(label, path.resolve(), sha256_of(path))
+    return Weights(label, path.resolve(), fileio.sha256_of(path))
 
 
 def resolve_tasks(spec: str, schedule: str) -> dict[str, str]:
