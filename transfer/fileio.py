@@ -46,3 +46,20 @@ def sha256_of(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def load_tensors(path, flag: str):
+    """``torch.load`` of a checkpoint of tensors and plain values, never unpickling code.
+
+    ``flag`` names where the path came from (``--resume``), for the one-line error.
+    """
+    import torch
+
+    from transfer.errors import UserError
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{flag} {path}: no such file") from None
+    except Exception as e:  # not a torch file, or one that needs unpickling code (never done)
+        raise UserError(f"{flag} {path}: not a PyTorch checkpoint of tensors ({type(e).__name__})") from None

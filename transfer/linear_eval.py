@@ -16,6 +16,7 @@ import torchvision
 from torchvision.datasets import ImageFolder
 
 from transfer.errors import UserError
+from transfer import fileio
 from transfer.fileio import atomic_torch_save, atomic_write_json
 from transfer.pretrain.augment import classification_transform, eval_transform
 from transfer.pretrain.knn import backbone
@@ -46,12 +47,7 @@ def load_backbone(path, arch=None):
 
     A MoCo checkpoint's ``module.encoder_q.*`` (fc/MLP head dropped), or a plain torchvision state dict.
     """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"--pretrained {path}: no such file") from None
-    except Exception as e:  # not a torch file, or one that needs unpickling code (never done)
-        raise UserError(f"--pretrained {path}: not a PyTorch checkpoint of tensors ({type(e).__name__})") from None
+    ckpt = fileio.load_tensors(path, "--pretrained")
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
     if any(k.startswith(MOCO_PREFIX) for k in state):
         state = {k[len(MOCO_PREFIX):]: v for k, v in state.items() if k.startswith(MOCO_PREFIX)}

@@ -23,6 +23,7 @@ import yaml
 from torchvision.datasets import ImageFolder
 
 from transfer.errors import UserError
+from transfer import fileio
 from transfer.fileio import atomic_torch_save
 from transfer.pretrain import knn
 from transfer.pretrain.augment import TwoCropDataset, ViewSampler, eval_transform, moco_augmentation
@@ -186,12 +187,7 @@ def save_checkpoint(path, model, optimizer, cfg, step, steps_per_epoch, lr):
 
 def load_checkpoint(path, model, optimizer, steps_per_epoch):
     """Restore a checkpoint (ours or the official code's) into model and optimizer; returns the next global step."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"--resume {path}: no such file") from None
-    except Exception as e:  # not a torch file, or one that needs unpickling code (never done)
-        raise UserError(f"--resume {path}: not a PyTorch checkpoint of tensors ({type(e).__name__})") from None
+    ckpt = fileio.load_tensors(path, "--resume")
     state = {k.removeprefix("module."): v for k, v in ckpt.get("state_dict", {}).items()}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
