@@ -3,7 +3,7 @@
 Three rates per setting, in images/s (one image = its two crops, as the training loop counts):
 - data: the loader alone (decode + two augmented crops, delivered on the device);
 - compute: the training step alone, on random inputs already on the device;
-- end to end: loader + step, as ``engine.train_steps`` runs them.
+- end to end: loader + step, as ``engine.Run.train`` runs them.
 The end to end rate is about min(data, compute) when the two overlap well. Peak device memory
 is read over the end-to-end phase.
 
@@ -99,7 +99,7 @@ def build_model(cfg, setting, device):
 
 
 def train_step(model, optimizer, im_q, im_k, ids, setting, device):
-    """The step of ``engine.train_steps``: forward under autocast, InfoNCE, SGD."""
+    """The step of ``engine.Run.train``: forward under autocast, InfoNCE, SGD."""
     if setting.channels_last:
         im_q, im_k = (x.contiguous(memory_format=torch.channels_last) for x in (im_q, im_k))
     amp = setting.precision == "bf16"
