@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
 import yaml
 
 from transfer import d2compat  # noqa: F401
@@ -42,25 +41,14 @@ def demo_root(tmp_path_factory):
     return demo.generate(tmp_path_factory.mktemp("demo_datasets"))
 
 
-@pytest.fixture(scope="session")
-def weights(tmp_path_factory):
-    from transfer.convert import convert
-
-    folder = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    state = {f"module.encoder_q.{k}": v for k, v in torchvision.models.resnet50().state_dict().items()}
-    torch.save({"epoch": 1, "arch": "resnet50", "state_dict": state}, folder / "moco.pth.tar")
-    return convert(folder / "moco.pth.tar", output=folder / "moco.pkl").weights_path
-
-
 def read_record(folder):
     return json.loads((Path(folder) / "metrics.json").read_text())
 
 
 @pytest.mark.parametrize("name", DEMO_TASKS)
-def test_demo_schedule_trains_evaluates_and_records(name, weights, demo_root, tmp_path):
+def test_demo_schedule_trains_evaluates_and_records(name, moco_weights, demo_root, tmp_path):
     start = time.time()
-    record = ft.finetune(name, weights, "demo", 0, tmp_path, demo_root)
+    record = ft.finetune(name, moco_weights, "demo", 0, tmp_path, demo_root)
     seconds = time.time() - start
     assert record == read_record(tmp_path)
     assert SCHEMA <= set(record) and record["status"] == "ok" and record["error"] is None
@@ -68,7 +56,7 @@ def test_demo_schedule_trains_evaluates_and_records(name, weights, demo_root, tm
     assert set(record["metrics"]) == set(task.metrics)
     assert record["iterations"] == yaml.safe_load(record["config"])["SOLVER"]["MAX_ITER"]
     assert record["s_per_iter"] > 0 and record["precision"] == "fp32" and record["num_gpus"] == 1
-    assert record["weights_sha256"] == fileio.sha256_of(weights)
+    assert record["weights_sha256"] == fileio.sha256_of(moco_weights)
     assert record["all_metrics"] and set(record["versions"]) >= {"torch", "detectron2", "python"}
     assert not list(tmp_path.glob("model_*.pth"))  # checkpoints removed after success
     if name in LEARNS:
@@ -77,9 +65,9 @@ def test_demo_schedule_trains_evaluates_and_records(name, weights, demo_root, tm
 
 
 @pytest.mark.parametrize("name", sorted(SAME_DEMO))
-def test_a_2x_demo_is_its_1x_demo(name, weights):
+def test_a_2x_demo_is_its_1x_demo(name, moco_weights):
     def demo_config(task):
-        cfg = ft.resolve_config(TASKS[task], weights, "demo").clone()
+        cfg = ft.resolve_config(TASKS[task], moco_weights, "demo").clone()
         cfg.defrost()
         cfg.TRANSFER.TASK = ""
         return cfg.dump()
@@ -87,27 +75,27 @@ def test_a_2x_demo_is_its_1x_demo(name, weights):
     assert demo_config(name) == demo_config(SAME_DEMO[name])
 
 
-def test_wrong_num_classes_is_a_clear_error(weights, demo_root, tmp_path):
+def test_wrong_num_classes_is_a_clear_error(moco_weights, demo_root, tmp_path):
     with pytest.raises(UserError, match=r"MODEL.ROI_HEADS.NUM_CLASSES 5: dataset voc_2007_trainval has 20 classes"):
-        ft.finetune("voc07", weights, "demo", 0, tmp_path, demo_root, opts=["MODEL.ROI_HEADS.NUM_CLASSES", "5"])
+        ft.finetune("voc07", moco_weights, "demo", 0, tmp_path, demo_root, opts=["MODEL.ROI_HEADS.NUM_CLASSES", "5"])
     record = read_record(tmp_path)
     assert record["status"] == "failed" and "NUM_CLASSES" in record["error"]
 
 
-def test_missing_dataset_is_a_clear_error(weights, tmp_path):
+def test_missing_dataset_is_a_clear_error(moco_weights, tmp_path):
     root = tmp_path / "datasets"
     (root / "coco").mkdir(parents=True)
     with pytest.raises(UserError, match=r"coco/train2017: missing; expected"):
-        ft.finetune("coco_c4_1x", weights, "demo", 0, tmp_path / "run", root)
+        ft.finetune("coco_c4_1x", moco_weights, "demo", 0, tmp_path / "run", root)
     assert read_record(tmp_path / "run")["status"] == "failed"
 
 
-def test_nan_loss_stops_the_run_with_a_clear_message(weights, demo_root, tmp_path):
+def test_nan_loss_stops_the_run_with_a_clear_message(moco_weights, demo_root, tmp_path):
     broken = tmp_path / "nan.pkl"
-    data = pickle.loads(Path(weights).read_bytes())
+    data = pickle.loads(Path(moco_weights).read_bytes())
     data["model"]["stem.conv1.weight"] = np.full_like(data["model"]["stem.conv1.weight"], np.nan)
     broken.write_bytes(pickle.dumps(data))
-    shutil.copy(Path(weights).with_suffix(".yaml"), broken.with_suffix(".yaml"))
+    shutil.copy(Path(moco_weights).with_suffix(".yaml"), broken.with_suffix(".yaml"))
     with pytest.raises(ft.RunFailed, match="training diverged at iteration 0: the loss is NaN"):
         ft.finetune("voc07", broken, "demo", 0, tmp_path / "run", demo_root, opts=["SOLVER.MAX_ITER", "3"])
     record = read_record(tmp_path / "run")
@@ -161,16 +149,16 @@ def _voc_custom(demo_root, folder):
 
 
 @pytest.mark.parametrize("make", [_coco_custom, _voc_custom], ids=["coco_json", "voc_folder"])
-def test_custom_dataset_trains_and_evaluates(make, weights, demo_root, tmp_path):
+def test_custom_dataset_trains_and_evaluates(make, moco_weights, demo_root, tmp_path):
     spec = make(demo_root, tmp_path)
     task = get_task(str(spec))
     if make is _voc_custom:  # the YAML's own schedule is the task's default
         assert task.default_schedule == "custom"
-        cfg = ft.resolve_config(task, weights, "custom")
+        cfg = ft.resolve_config(task, moco_weights, "custom")
         assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS, cfg.SOLVER.BASE_LR, cfg.SOLVER.IMS_PER_BATCH) == (40, (30,), 0.02, 4)
         assert cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeadsExtraNorm" and cfg.MODEL.ROI_HEADS.NUM_CLASSES == 20
     # trained with the demo's sizes (the user's images here are demo images), 40 iterations
-    record = ft.finetune(str(spec), weights, "demo", 0, tmp_path / "run", demo_root,
+    record = ft.finetune(str(spec), moco_weights, "demo", 0, tmp_path / "run", demo_root,
                          opts=["SOLVER.MAX_ITER", "40", "SOLVER.STEPS", "(30,)"])
     assert record["status"] == "ok" and record["iterations"] == 40 and record["notes"]
     assert {"APbb", "APbb50"} <= set(record["metrics"])
@@ -178,16 +166,16 @@ def test_custom_dataset_trains_and_evaluates(make, weights, demo_root, tmp_path)
     assert ("APmk" in record["metrics"]) == (make is _coco_custom)
 
 
-def test_two_cpu_processes_and_resume(weights, demo_root, tmp_path):
+def test_two_cpu_processes_and_resume(moco_weights, demo_root, tmp_path):
     """--num-gpus 2 without GPUs: two gloo processes (naiveSyncBN); then a longer run resumes."""
     if torch.cuda.is_available():
         pytest.skip("the CPU multi-process path runs only without GPUs")
     opts = ["SOLVER.MAX_ITER", "4", "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.PRECISE_BN.ENABLED", "False"]
-    record = ft.finetune("voc07", weights, "demo", 0, tmp_path, demo_root, num_gpus=2, opts=opts, keep_checkpoints=True)
+    record = ft.finetune("voc07", moco_weights, "demo", 0, tmp_path, demo_root, num_gpus=2, opts=opts, keep_checkpoints=True)
     assert record["status"] == "ok" and record["num_gpus"] == 2 and record["iterations"] == 4
     assert (tmp_path / "model_final.pth").is_file()
     opts[1] = "6"  # same folder, longer schedule: continues from the checkpoint at iteration 4
-    record = ft.finetune("voc07", weights, "demo", 0, tmp_path, demo_root, opts=opts)
+    record = ft.finetune("voc07", moco_weights, "demo", 0, tmp_path, demo_root, opts=opts)
     assert record["status"] == "ok" and record["iterations"] == 6
     log = (tmp_path / "log.txt").read_text()
     assert "Starting training from iteration 4" in log
