@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Fine-tuning speed per task and precision: s/iter, data s/iter, images/s, peak GPU memory.
 
-    # one GPU, the issue's protocol: batch 16, random init, BN, full-size inputs on COCO-format data
+    # one GPU, the issue's protocol: batch 16, random init, BN, full-size inputs on synthetic
+    # COCO-format data with COCO's image size and instance count (written once under /tmp/coco_synth)
     python tools/bench_finetune.py --tasks coco_fpn_1x,coco_c4_1x --schedule full --batch 16 \\
-        --precision fp32,amp MODEL.RESNETS.NORM BN MODEL.FPN.NORM BN
+        --precision fp32,amp --synthetic /tmp/coco_synth MODEL.RESNETS.NORM BN MODEL.FPN.NORM BN
     # a CPU smoke run on the built-in demo data
     python tools/bench_finetune.py --tasks voc07 --precision fp32 --iters 2 --warmup 1
 
@@ -27,6 +28,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--datasets", help="datasets root (default: the built-in demo data)")
+    p.add_argument("--synthetic", metavar="ROOT",
+                   help="use (and first write) synthetic COCO train data with COCO's load under ROOT")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="detectron2 config KEY VALUE pairs")
     args = p.parse_args(argv)
 
@@ -38,7 +41,9 @@ def main(argv=None):
     precisions = args.precision.split(",")
     if "amp" in precisions and not torch.cuda.is_available():
         raise UserError("--precision amp: mixed precision needs a GPU (use --precision fp32)")
-    root = args.datasets or demo.ensure()
+    if args.synthetic and args.datasets:
+        raise UserError("--synthetic and --datasets: give one of them")
+    root = finetune_bench.synthetic_coco(args.synthetic) if args.synthetic else args.datasets or demo.ensure()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         weights = args.weights or finetune_bench.random_init_weights(tmp)

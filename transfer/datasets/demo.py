@@ -415,7 +415,7 @@ def write_voc(root: Path, year: int, rng) -> None:
             _write_lines(base / "ImageSets" / "Segmentation" / f"{split}.txt", split_ids)
 
 
-def _coco_categories():
+def coco_categories():
     from transfer import d2compat  # noqa: F401
     from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
@@ -428,7 +428,7 @@ def write_coco_and_lvis(root: Path, rng) -> None:
 
     spec = SIZES["coco"]
     width, height = spec["image"]
-    categories = _coco_categories()
+    categories = coco_categories()
     coco_id = {c["name"]: c["id"] for c in categories}
     lvis_id = {c["name"]: c["id"] for c in LVIS_CATEGORIES}
     others = _Cycle([n for n in COCO_LOOKS if n != "person"], rng)
