@@ -12,3 +12,18 @@ def test_bench_times_the_tasks_training_step(tmp_path):
     assert row.images_per_s == 2 / row.s_per_iter
     table = finetune_bench.markdown([row]).splitlines()
     assert table[0].startswith("| task | precision") and table[2].startswith("| coco_fpn_1x | fp32 | 2 |")
+
+
+def test_synthetic_coco_has_cocos_load(tmp_path):
+    """The --synthetic data: COCO-format, 640x480, several polygon instances per image, loadable by detectron2."""
+    from transfer import d2compat  # noqa: F401
+    from detectron2.data.datasets import load_coco_json
+
+    root = finetune_bench.synthetic_coco(tmp_path, num_images=6)
+    records = load_coco_json(str(root / "coco/annotations/instances_train2017.json"), str(root / "coco/train2017"))
+    assert len(records) == 6
+    assert all((r["width"], r["height"]) == (640, 480) for r in records)
+    counts = [len(r["annotations"]) for r in records]
+    assert min(counts) >= 3 and sum(counts) / len(counts) >= 5
+    assert all(a["segmentation"] and a["bbox"][2] > 0 for r in records for a in r["annotations"])
+    assert finetune_bench.synthetic_coco(tmp_path, num_images=6) == root  # written once

@@ -259,3 +259,22 @@ def test_synthetic_imagefolder_is_imagenet_like(tmp_path):
     sizes = [Image.open(f).size for f in files]
     assert all(64 <= min(s) and max(s) <= 1200 for s in sizes)
     assert 20_000 < np.mean([f.stat().st_size for f in files]) < 400_000  # photo-like compression
+
+
+def test_bench_pretrain_measures_every_setting(tmp_path):
+    """tools/bench_pretrain.py on CPU: one row per setting (official recipe + each decode place), three rates each."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import bench_pretrain
+
+    out = tmp_path / "rows.json"
+    bench_pretrain.main(["--data", str(tmp_path / "synth"), "--synthetic", "24", "--device", "cpu", "--arch", "resnet18",
+                         "--batch-size", "4", "--image-size", "32", "--moco-k", "8", "--workers", "0",
+                         "--bn-splits", "2", "--warmup", "1", "--steps", "1", "--decode", "device", "workers", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [(r["backend"], r["decode"], r["bn_splits"]) for r in rows] == [("cpu", "workers", 1), ("gpu", "device", 2), ("gpu", "workers", 2)]
+    assert all(r[k] > 0 for r in rows for k in ("data", "compute", "end_to_end"))
+    assert not any(r["compile"] for r in rows)  # compile is CUDA-only

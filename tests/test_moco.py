@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from transfer.pretrain.moco import MoCo, SplitBatchNorm
+from transfer.pretrain.moco import MoCo, SplitBatchNorm, split_batch_norm_formula, split_batch_norm_reshape
 
 
 class Tiny(nn.Module):
@@ -124,6 +124,26 @@ def test_split_bn_normalises_each_sub_batch():
     plain.load_state_dict(bn.state_dict())
     bn.eval(), plain.eval()
     torch.testing.assert_close(bn(x), plain(x))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_split_bn_formula_equals_reshape(memory_format):
+    """The compiled path (explicit formula) and the eager path (one batch_norm on a reshaped view)
+    give the same output, gradients and statistics, in both memory formats."""
+    torch.manual_seed(0)
+    x = (torch.randn(8, 4, 5, 3) * torch.arange(1.0, 9.0).view(8, 1, 1, 1)).to(memory_format=memory_format)
+    weight, bias = torch.rand(4) + 0.5, torch.randn(4)
+    results = []
+    for split_bn in (split_batch_norm_reshape, split_batch_norm_formula):
+        xi, wi, bi = (t.clone().requires_grad_() for t in (x, weight, bias))
+        out, mean, var = split_bn(xi, wi, bi, 4, 1e-5)
+        (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+        results.append((out, mean, var, xi.grad, wi.grad, bi.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    out, mean, var = results[0][:3]
+    torch.testing.assert_close(mean, torch.stack([x[g::4].mean((0, 2, 3)) for g in range(4)]).mean(0))
+    torch.testing.assert_close(var, torch.stack([x[g::4].var((0, 2, 3)) for g in range(4)]).mean(0))
 
 
 def test_moco_uses_split_bn_in_both_encoders():

@@ -11,6 +11,7 @@ official recipe's equivalent measured in the same run (augmentation in PIL worke
         --batch-size 8 --image-size 64 --moco-k 64 --workers 0 --warmup 1 --steps 2
 """
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -37,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", choices=["cpu", "gpu"], default="gpu", help="our augmentation backend")
+    p.add_argument("--decode", choices=["device", "workers"], nargs="+", default=["device"],
+                   help="gpu backend: where JPEGs are decoded; several values measure one row each")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="ours (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
@@ -70,12 +73,13 @@ def main(argv=None):
         name="ours", backend=args.backend,
         precision=args.precision or ("bf16" if cuda else "fp32"),
         channels_last=cfg.channels_last if args.channels_last is None else args.channels_last,
-        compile=cfg.compile if args.compile is None else args.compile,
+        compile=(cfg.compile if args.compile is None else args.compile) and cuda,  # CUDA only, as in training
         bn_splits=args.bn_splits or cfg.bn_splits or 8,
     )
-    settings = [ours]
+    settings = [dataclasses.replace(ours, name=f"ours, decode on {d}", decode=d) for d in args.decode] \
+        if args.backend == "gpu" and len(args.decode) > 1 else [dataclasses.replace(ours, decode=args.decode[0])]
     if args.baseline:
-        settings.insert(0, benchmark.Setting("official recipe", "cpu", "fp32", False, False, 1))
+        settings.insert(0, benchmark.Setting("official recipe", "cpu", "fp32", False, False, 1, decode="workers"))
 
     rows = []
     for s in settings:

@@ -37,6 +37,7 @@ class Setting:
     channels_last: bool
     compile: bool
     bn_splits: int
+    decode: str = "device"  # JPEG decode on the device (nvJPEG; gpu backend only) or in the loader workers
 
 
 # ----------------------------------------------------------------------------- synthetic data
@@ -118,7 +119,8 @@ def build_loader(cfg, setting, root, batch_size, workers, device, epochs=1000):
     if setting.backend == "gpu":
         n = len(jpeg_data.JpegFolder(root))
         sampler = ViewSampler(n, batch_size, 0, 1, cfg.seed, epochs)
-        return jpeg_data.build_loader(root, transform, batch_size, sampler, workers, device, cfg.seed)
+        return jpeg_data.build_loader(root, transform, batch_size, sampler, workers, device, cfg.seed,
+                                      decode_on_device=setting.decode == "device", channels_last=setting.channels_last)
     dataset = TwoCropDataset(root, transform, seed=cfg.seed)
     sampler = ViewSampler(len(dataset), batch_size, 0, 1, cfg.seed, epochs)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
@@ -191,11 +193,11 @@ def measure(cfg, setting, root, batch_size, workers, device, warmup, steps):
 
 def format_table(rows):
     """Markdown table of measured rows (dicts of Setting fields + measure() results)."""
-    header = ["setting", "backend", "precision", "channels_last", "compile", "bn_splits", "data img/s",
+    header = ["setting", "backend", "decode", "precision", "channels_last", "compile", "bn_splits", "data img/s",
               "compute img/s", "end-to-end img/s", "peak GiB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         peak = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
-        lines.append(f"| {r['name']} | {r['backend']} | {r['precision']} | {r['channels_last']} | {r['compile']} | {r['bn_splits']} | "
+        lines.append(f"| {r['name']} | {r['backend']} | {r['decode']} | {r['precision']} | {r['channels_last']} | {r['compile']} | {r['bn_splits']} | "
                      f"{r['data']:,.0f} | {r['compute']:,.0f} | {r['end_to_end']:,.0f} | {peak} |")
     return "\n".join(lines)

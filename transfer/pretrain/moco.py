@@ -30,23 +30,43 @@ class SplitBatchNorm(nn.BatchNorm2d):
     def forward(self, x):
         if not self.training or self.num_splits == 1:
             return super().forward(x)
-        n, c, h, w = x.shape
-        s = self.num_splits
-        if n % s:
-            raise ValueError(f"batch of {n} does not split into {s} BatchNorm groups (--bn-splits)")
-        # (N, C, H, W) -> (N/s, s*C, H, W): channel block j holds the samples n with n % s == j,
-        # so one batch_norm call normalises every group with its own statistics.
-        running_mean = self.running_mean.repeat(s)
-        running_var = self.running_var.repeat(s)
-        out = F.batch_norm(
-            x.reshape(n // s, s * c, h, w), running_mean, running_var,
-            self.weight.repeat(s), self.bias.repeat(s), True, self.momentum, self.eps,
-        ).reshape(n, c, h, w)
+        if x.shape[0] % self.num_splits:
+            raise ValueError(f"batch of {x.shape[0]} does not split into {self.num_splits} BatchNorm groups (--bn-splits)")
+        # Under torch.compile the explicit formula fuses into a couple of kernels in any memory
+        # format; in eager mode one cuDNN call on a reshaped view is fastest (a view only for
+        # contiguous NCHW: channels_last pays a copy, so eager split-BN runs best without it).
+        split_bn = split_batch_norm_formula if torch.compiler.is_compiling() else split_batch_norm_reshape
+        out, mean, var = split_bn(x, self.weight, self.bias, self.num_splits, self.eps)
         with torch.no_grad():
-            self.running_mean.copy_(running_mean.view(s, c).mean(0))
-            self.running_var.copy_(running_var.view(s, c).mean(0))
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
             self.num_batches_tracked += 1
         return out
+
+
+def split_batch_norm_reshape(x, weight, bias, s, eps):
+    """(normalised x, mean over groups of the group means, of the unbiased group variances).
+
+    (N, C, H, W) -> (N/s, s*C, H, W): channel block j holds the samples n with n % s == j, so one
+    batch_norm call normalises every group with its own statistics.
+    """
+    n, c, h, w = x.shape
+    mean, var = x.new_zeros(s * c, dtype=torch.float32), x.new_ones(s * c, dtype=torch.float32)
+    # momentum 1: the "running" buffers receive exactly this batch's per-group statistics
+    out = F.batch_norm(x.reshape(n // s, s * c, h, w), mean, var, weight.repeat(s), bias.repeat(s),
+                       True, 1.0, eps).reshape(n, c, h, w)
+    return out, mean.view(s, c).mean(0), var.view(s, c).mean(0)
+
+
+def split_batch_norm_formula(x, weight, bias, s, eps):
+    """The same as ``split_batch_norm_reshape``, written out (statistics in float32)."""
+    n, c, h, w = x.shape
+    groups = x.view(n // s, s, c, h, w)  # a view in either memory format: N is the outer dimension
+    var, mean = torch.var_mean(groups.float(), dim=(0, 3, 4), unbiased=False, keepdim=True)
+    scale = weight.view(1, 1, c, 1, 1) * torch.rsqrt(var + eps)
+    out = groups * scale.to(x.dtype) + (bias.view(1, 1, c, 1, 1) - mean * scale).to(x.dtype)
+    count = n // s * h * w
+    return out.view(n, c, h, w), mean.view(s, c).mean(0), (var.view(s, c) * count / (count - 1)).mean(0)
 
 
 def norm_layer(bn_splits):
@@ -80,11 +100,18 @@ class MoCo(nn.Module):
         # Which training view each queued key came from (-1: random init); the dictionary
         # consistency monitor re-encodes these views. Not in the official layout, ignored by it.
         self.register_buffer("queue_ids", torch.full((K,), -1, dtype=torch.long))
+        self._host_ptr = None  # queue_ptr as a Python int, once read
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_ptr = None  # queue_ptr was just replaced
 
     @torch.no_grad()
     def _momentum_update_key_encoder(self):
-        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
-            param_k.data.mul_(self.m).add_(param_q.data, alpha=1.0 - self.m)
+        params_q = [p.data for p in self.encoder_q.parameters()]
+        params_k = [p.data for p in self.encoder_k.parameters()]
+        torch._foreach_mul_(params_k, self.m)  # one kernel per few tensors, not two per parameter
+        torch._foreach_add_(params_k, params_q, alpha=1.0 - self.m)
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys, ids=None):
@@ -92,11 +119,13 @@ class MoCo(nn.Module):
         batch_size = keys.shape[0]
         if self.K % batch_size:
             raise ValueError(f"queue size K={self.K} is not a multiple of the global batch {batch_size}")
-        ptr = int(self.queue_ptr)
+        # The pointer is mirrored on the host: reading the buffer every step would wait for the GPU.
+        ptr = self._host_ptr if self._host_ptr is not None else int(self.queue_ptr)
         self.queue[:, ptr:ptr + batch_size] = keys.T.to(self.queue.dtype)
         if ids is not None:
             self.queue_ids[ptr:ptr + batch_size] = concat_all_gather(ids)
-        self.queue_ptr[0] = (ptr + batch_size) % self.K
+        self._host_ptr = (ptr + batch_size) % self.K
+        self.queue_ptr.fill_(self._host_ptr)
 
     @torch.no_grad()
     def _batch_shuffle(self, x):
