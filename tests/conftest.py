@@ -1,7 +1,30 @@
-"""Fixtures shared by the fine-tuning tests."""
+"""Fixtures shared by several test modules."""
+import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
+
+COLOURS = [(220, 40, 40), (40, 200, 60), (50, 60, 220)]
+
+
+def _write_colour_image_folder(root, per_class, val_per_class, size=(40, 48), seed=0):
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        for c, colour in enumerate(COLOURS):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.normal(colour, 30, size=(*size, 3)).clip(0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.jpg")
+    return root
+
+
+@pytest.fixture(scope="session")
+def colour_image_folder():
+    """A writer of ``root/{train,val}/<class>/*.jpg``: noisy images of one colour per class (3 classes),
+    which k-NN and a linear classifier can tell apart."""
+    return _write_colour_image_folder
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,7 @@
 """Linear evaluation (transfer/linear_eval.py) and the supervised baseline (transfer/pretrain/supervised.py)."""
-import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
 
 from transfer.errors import UserError
 from transfer.linear_eval import LinearEvalConfig, linear_eval
@@ -11,22 +9,11 @@ from transfer.pretrain import engine
 from transfer.pretrain.moco import MoCo
 from transfer.pretrain.supervised import SupervisedConfig, train_supervised
 
-COLOURS = [(220, 40, 40), (40, 200, 60), (50, 60, 220)]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """train/val ImageFolder: noisy images of one colour per class."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 4)):
-        for c, colour in enumerate(COLOURS):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.normal(colour, 30, size=(36, 44, 3)).clip(0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.jpg")
-    return root
+def data(tmp_path_factory, colour_image_folder):
+    return colour_image_folder(tmp_path_factory.mktemp("images"), per_class=8, val_per_class=4, size=(36, 44))
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,9 @@ import os
 import socket
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from PIL import Image
 
 from transfer.errors import UserError
 from transfer.pretrain import engine
@@ -17,25 +15,11 @@ from transfer.pretrain.augment import TwoCropDataset, ViewSampler, moco_augmenta
 from transfer.pretrain.moco import MoCo
 
 REPO = Path(__file__).resolve().parents[1]
-COLOURS = [(220, 40, 40), (40, 200, 60), (50, 60, 220)]
-
-
-def write_image_folder(root, per_class, val_per_class, seed=0):
-    """root/{train,val}/<class>/*.jpg: noisy images of one colour per class (k-NN can tell them apart)."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", per_class), ("val", val_per_class)):
-        for c, colour in enumerate(COLOURS):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.normal(colour, 30, size=(40, 48, 3)).clip(0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.jpg")
-    return root
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_image_folder(tmp_path_factory.mktemp("images"), per_class=8, val_per_class=3)  # 24 train images
+def data(tmp_path_factory, colour_image_folder):
+    return colour_image_folder(tmp_path_factory.mktemp("images"), per_class=8, val_per_class=3)  # 24 train images
 
 
 def tiny(data, output, **overrides):
