@@ -301,13 +301,15 @@ def test_cityscapes_demo_run_learns_well_above_chance(demo_root, random_weights,
     assert written["metrics"]["mIoU"] > 2 * chance + 5, (written["metrics"], chance)  # measured: 28 vs 4
 
 
-def test_voc_demo_run_falls_back_to_train_and_records_it(demo_root, random_weights, tmp_path):
-    # The VOC demo (20 object classes, 40 training images) learns its classes slowly from random
-    # initialisation: 200 iterations reach about mIoU 5-7 against 4.4 for the constant guess. This
-    # test checks the pipeline on a shortened run; the Cityscapes test checks that the model learns.
-    written = run_demo("voc_sem", random_weights, demo_root, tmp_path / "run",
-                       opts=["SOLVER.MAX_ITER", "20", "SOLVER.STEPS", "(14, 18)"])
+def test_voc_demo_run_falls_back_to_train_and_learns_well_above_chance(demo_root, random_weights, tmp_path):
+    written = run_demo("voc_sem", random_weights, demo_root, tmp_path / "run")
     assert written["task"] == "voc_sem" and written["task_variant"] == "voc_sem_train"  # no SegmentationClassAug
     assert written["dataset_split"] == {"train": ["voc_2012_sem_seg_train"], "test": ["voc_2012_sem_seg_val"]}
     per_class = {k: v for k, v in written["all_metrics"]["sem_seg"].items() if k.startswith("IoU-")}
     assert len(per_class) == 21 and per_class["IoU-background"] > 50.0
+    # 20 object classes from 40 training images, random initialisation (configs/semseg/demo_voc.yaml);
+    # measured: mIoU 20-30 (narrow and full-width ResNet-50, several seeds) vs 4.1 for predicting
+    # background everywhere; the old whole-image schedule reached 5-9.
+    chance = constant_guess_miou("sem_seg", "voc_2012_sem_seg_val", tmp_path)
+    assert written["metrics"]["mIoU"] > 2 * chance + 5, (written["metrics"], chance)
+    assert sum(v > 10.0 for k, v in per_class.items() if k != "IoU-background") >= 5, per_class  # not one lucky class
