@@ -17,7 +17,7 @@ import yaml
 
 from transfer import d2compat  # noqa: F401
 
-from transfer import fileio
+from transfer import fileio, suite
 from transfer import finetune as ft
 from transfer.datasets import demo
 from transfer.errors import UserError
@@ -29,7 +29,7 @@ SCHEMA = {"status", "error", "task", "schedule", "seed", "weights", "weights_sha
 # Tasks whose demo runs must show learning, and the headline metric that must show it
 # (measured: voc07 AP50 13 after 120 iterations; a custom COCO-json FPN run APbb50 18 after 40).
 LEARNS = {"voc07+12": "AP50", "voc07": "AP50", "coco_c4_1x": "APbb50", "coco_fpn_1x": "APbb50"}
-# A 2x task's demo is its 1x task's demo (the demo overlay sets the schedule): trained once.
+# A 2x task's demo is its 1x task's demo (the demo overlay sets the schedule): the suite trains it once.
 SAME_DEMO = {"coco_c4_2x": "coco_c4_1x", "coco_fpn_2x": "coco_fpn_1x", "lvis_2x": "lvis_1x"}
 DETECTION = sorted(name for name, task in TASKS.items() if task.config.startswith("configs/detection/"))
 # LVIS v0.5 has no demo data: its tasks are checked by config only (tests/test_tasks.py).
@@ -64,15 +64,16 @@ def test_demo_schedule_trains_evaluates_and_records(name, moco_weights, demo_roo
     print(f"\n{name}: {seconds:.0f} s, {record['metrics']}")
 
 
-@pytest.mark.parametrize("name", sorted(SAME_DEMO))
-def test_a_2x_demo_is_its_1x_demo(name, moco_weights):
-    def demo_config(task):
-        cfg = ft.resolve_config(TASKS[task], moco_weights, "demo").clone()
-        cfg.defrost()
-        cfg.TRANSFER.TASK = ""
-        return cfg.dump()
-
-    assert demo_config(name) == demo_config(SAME_DEMO[name])
+def test_the_suite_runs_a_2x_demo_once_as_its_1x_demo(moco_weights, demo_root, tmp_path):
+    weights = suite.prepare_weights(f"moco={moco_weights}", tmp_path)
+    runs = suite.plan([weights], suite.resolve_tasks("all", "demo"), "demo", 2, tmp_path / "out")
+    repeats = suite.repeated_runs(runs, datasets=demo_root)
+    assert {(r.task, r.seed): (o.task, o.seed) for r, o in repeats.items()} == {
+        (task, seed): (SAME_DEMO[task], seed) for task in SAME_DEMO for seed in (0, 1)}
+    # Their full schedules differ (and so do a task's schedules).
+    key = ft.experiment_key
+    assert key("coco_fpn_2x", moco_weights, "full") != key("coco_fpn_1x", moco_weights, "full")
+    assert key("coco_fpn_1x", moco_weights, "quick") != key("coco_fpn_1x", moco_weights, "full")
 
 
 def test_wrong_num_classes_is_a_clear_error(moco_weights, demo_root, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from transfer import fileio, suite
+from transfer import fileio, report, suite
 from transfer.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,8 +129,8 @@ def attempts(output, seed, weights="r18"):
     return log.read_text().splitlines() if log.exists() else []
 
 
-def started(output, seed):
-    return sum(line.endswith(": started") for line in attempts(output, seed))
+def started(output, seed, weights="r18"):
+    return sum(line.endswith(": started") for line in attempts(output, seed, weights))
 
 
 def test_killed_during_run_2_of_3_the_next_invocation_runs_only_2_and_3(tiny, tmp_path):
@@ -178,6 +178,34 @@ def test_concurrent_invocations_share_the_runs_without_duplicating_one(tiny, tmp
     # Both invocations end with the complete report, whichever one ran which run.
     summary = pd.read_csv(output / "summary.csv")
     assert (summary["n"] == 2).all()
+
+
+def test_a_run_that_repeats_another_gets_its_result_without_training(tiny, tmp_path):
+    task, pkl = tiny
+    broken = tmp_path / "broken.pkl"
+    broken.write_bytes(b"not a pickle")
+    weights = [suite.prepare_weights(f"r18={pkl}", tmp_path), suite.prepare_weights(f"bad={broken}", tmp_path)]
+    output = tmp_path / "out"
+    runs = suite.plan(weights, suite.resolve_tasks(str(task), "custom"), "custom", 2, output)
+    # Seed 1 stands in for a task whose resolved config equals seed 0's task's.
+    repeats = {runs[2]: runs[0], runs[3]: runs[1]}
+    launcher = suite.LocalLauncher(opts=TINY_OPTS)
+    outcomes = suite.run_suite(runs, launcher, repeats=repeats)
+    assert [(o.run.weights.label, o.run.seed, o.status) for o in outcomes] == [
+        ("r18", 0, "ok"), ("bad", 0, "failed"), ("r18", 1, "ok"), ("bad", 1, "failed")]
+    assert (started(output, 0), started(output, 1)) == (1, 0)
+    assert (started(output, 0, "bad"), started(output, 1, "bad")) == (1, 0)
+    original, repeat = (json.loads(run.metrics_path.read_text()) for run in (runs[0], runs[2]))
+    assert repeat["same_run_as"] == runs[0].name and repeat["metrics"] == original["metrics"]
+    assert (repeat["task"], repeat["seed"], repeat["status"]) == (original["task"], 1, "ok")
+    table = report.load_runs(output)
+    assert set(table[table["seed"] == 1]["same_run_as"]) == {runs[0].name, runs[1].name}
+    assert "repeats bad/tiny/custom/seed0, which failed" in json.loads(runs[3].metrics_path.read_text())["error"]
+    # The next invocation runs the failed original again and nothing else.
+    outcomes = suite.run_suite(runs, launcher, repeats=repeats)
+    assert [(o.run.weights.label, o.run.seed, o.status) for o in outcomes] == [
+        ("bad", 0, "failed"), ("bad", 1, "failed")]
+    assert (started(output, 0), started(output, 0, "bad"), started(output, 1, "bad")) == (1, 2, 0)
 
 
 def test_a_failed_run_is_recorded_reported_and_run_again(tiny, tmp_path):

@@ -5,9 +5,11 @@
         --baseline R-50.pkl --trials 5 --schedule full --output results/moco [--num-gpus 8]
 
 Every (weights, task, trial) is one run with its own folder under --output; running the same
-command again skips finished runs and re-runs failed or interrupted ones. The reports (runs.csv,
-summary.csv, summary.md, deltas.png) are rewritten at the end; tools/make_report.py rewrites them
-at any time. With --schedule demo and no --datasets, the built-in demo datasets are used.
+command again skips finished runs and re-runs failed or interrupted ones; a run whose resolved
+config equals another's (the 1x and 2x tasks' demo schedules) reuses that run's result. The
+reports (runs.csv, summary.csv, summary.md, deltas.png) are rewritten at the end;
+tools/make_report.py rewrites them at any time. With --schedule demo and no --datasets, the
+built-in demo datasets are used.
 """
 import argparse
 import signal
@@ -95,8 +97,9 @@ def main(argv=None):
     suite.check_datasets(tasks, datasets)
     runs = suite.plan(weights, tasks, args.schedule, args.trials, args.output)
     suite.check_settings(args.output, args.opts)
+    repeats = suite.repeated_runs(runs, args.num_gpus, datasets, args.opts)
     try:
-        outcomes = suite.run_suite(runs, launcher)
+        outcomes = suite.run_suite(runs, launcher, repeats=repeats)
     except KeyboardInterrupt:
         print("\nstopped: finished runs are kept; run the same command again to resume",
               file=sys.stderr)

@@ -170,6 +170,21 @@ def resolve_config(task: Task, weights, schedule: str, seed: int = 0, output_dir
     return cfg
 
 
+def experiment_key(task, weights, schedule: str, datasets_root=None, num_gpus: int = 1, opts=()) -> str:
+    """The resolved config of a run, less its seed, output folder and task name, as one string.
+
+    Two tasks with the same key train and evaluate the same model on the same data, so each seed
+    needs running once (in the demo schedule the 1x and 2x tasks train the same short schedule).
+    """
+    task = _resolve_task(task if isinstance(task, Task) else get_task(task), datasets_root)
+    cfg = resolve_config(task, weights, schedule, 0, ".", num_gpus, opts).clone()
+    cfg.defrost()
+    cfg.OUTPUT_DIR = ""
+    if not task.name.endswith((".yaml", ".yml")):  # a custom task's name is the file its data comes from
+        cfg.TRANSFER.TASK = ""
+    return cfg.dump()
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks before training
 

@@ -31,7 +31,7 @@ KEYS = ["weights", "task", "schedule"]
 
 # metrics.json fields copied into runs.csv beside each metric (absent fields stay empty).
 RUN_FIELDS = ["s_per_iter", "wall_time_s", "iterations", "num_gpus", "precision", "peak_memory_mb",
-              "weights_path", "weights_sha256"]
+              "weights_path", "weights_sha256", "same_run_as"]
 HATCHES = ["", "//", "..", "xx", "\\\\", "++"]
 VERSIONS = ["python", "torch", "torchvision", "detectron2", "moco_transfer"]
 

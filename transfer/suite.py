@@ -184,6 +184,30 @@ def plan(weights: list[Weights], tasks, schedule: str, trials: int, output) -> l
             for task, task_spec in tasks.items() for seed in range(trials) for w in weights]
 
 
+def repeated_runs(runs: list[Run], num_gpus: int = 1, datasets=None, opts=()) -> dict[Run, Run]:
+    """{run: the earlier run of the plan it repeats}: same weights, seed and resolved config.
+
+    Such a run is not trained again: it gets the earlier run's result (``reuse``). A task whose
+    config cannot be resolved here repeats nothing; its own run reports what is wrong.
+    """
+    from transfer.finetune import experiment_key
+
+    keys, first, repeats = {}, {}, {}
+    for run in runs:
+        spec = (run.task_spec or run.task, run.weights.path, run.schedule)
+        if spec not in keys:
+            try:
+                keys[spec] = experiment_key(*spec, datasets, num_gpus, opts)
+            except Exception:  # noqa: BLE001  (the run itself reports the error)
+                keys[spec] = spec
+        key = (keys[spec], run.weights, run.seed)
+        if key in first:
+            repeats[run] = first[key]
+        else:
+            first[key] = run
+    return repeats
+
+
 # ---------------------------------------------------------------------------------------------
 # The state of a run, read from its folder
 
@@ -344,6 +368,28 @@ def execute(run: Run, num_gpus: int = 1, datasets=None, opts=(), wait: bool = Fa
     return Outcome(run, status, record.get("metrics") or {}, record.get("error"), time.time() - start)
 
 
+def reuse(run: Run, original: Run) -> Outcome:
+    """Give ``run`` the result of ``original``, the run it repeats, once that one has finished."""
+    from transfer.d2.evaluation import headline_metrics
+    from transfer.tasks import get_task
+
+    with RunLock(run, wait=True):
+        if state(run) == "done":
+            return Outcome(run, "ok", read_metrics(run).get("metrics") or {})
+        if state(original) not in ("done", "failed"):
+            return Outcome(run, "busy", error=f"it repeats {original.name}, which has not finished")
+        record = dict(read_metrics(original), task=run.task_spec or run.task, seed=run.seed,
+                      same_run_as=original.name)
+        if record["status"] == "ok":
+            task = get_task(run.task_spec or run.task)
+            record["metrics"] = headline_metrics(task.evaluator, record["all_metrics"], task.metrics)
+        else:
+            record["error"] = f"it repeats {original.name}, which failed: {record.get('error')}"
+        atomic_write_json(run.metrics_path, record)
+    return Outcome(run, "ok" if record["status"] == "ok" else "failed", record.get("metrics") or {},
+                   record.get("error"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers
 
@@ -442,11 +488,17 @@ def describe(runs: list[Run]) -> str:
     return f"Plan: {len(runs)} runs ({states}); trials done / planned:\n{cells.to_string()}"
 
 
-def run_suite(runs: list[Run], launcher, stream=sys.stderr) -> list[Outcome]:
-    """Show the plan, run every run that is not done (with a progress bar), return the outcomes."""
+def run_suite(runs: list[Run], launcher, stream=sys.stderr, repeats: dict[Run, Run] | None = None) -> list[Outcome]:
+    """Show the plan, run every run that is not done (with a progress bar), return the outcomes.
+
+    ``repeats`` (see ``repeated_runs``): runs that get the result of the run they repeat.
+    """
     from tqdm import tqdm
 
+    repeats = repeats or {}
     print(describe(runs), file=stream, flush=True)
+    for run, original in repeats.items():
+        print(f"{run.name}: the same run as {original.name}, its result is reused", file=stream)
     pending = [r for r in runs if state(r) != "done"]
     bar = tqdm(total=len(runs), initial=len(runs) - len(pending), unit="run", file=stream,
                dynamic_ncols=True)
@@ -471,6 +523,12 @@ def run_suite(runs: list[Run], launcher, stream=sys.stderr) -> list[Outcome]:
             bar.write(f"{outcome.run.name}: {outcome.error}; run again to collect it", file=stream)
 
     try:
-        return launcher(pending, on_start, on_done)
+        outcomes = launcher([r for r in pending if r not in repeats], on_start, on_done)
+        for run in pending:
+            if run in repeats:
+                outcome = reuse(run, repeats[run])
+                on_done(outcome)
+                outcomes.append(outcome)
+        return outcomes
     finally:
         bar.close()

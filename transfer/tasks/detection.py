@@ -4,6 +4,7 @@ from transfer.tasks import Task, register, standard_schedules
 VOC_METRICS = ("AP", "AP50", "AP75")
 COCO_METRICS = ("APbb", "APbb50", "APbb75", "APmk", "APmk50", "APmk75")
 DEMO = {"C4": "configs/schedules/demo_c4.yaml", "FPN": "configs/schedules/demo.yaml"}
+DEMO_LVIS = "configs/schedules/demo_lvis.yaml"
 LVIS_METRICS = ("APmk", "APmk50", "APmk75", "APr", "APc", "APf", "APbb")
 
 register(Task(
@@ -30,21 +31,22 @@ for model, family in (("c4", "C4"), ("fpn", "FPN")):
 register(Task(
     name="coco_kp_2x", config="configs/detection/keypoint_rcnn_R_50_FPN_2x.yaml",
     train=("keypoints_coco_2017_train",), test=("keypoints_coco_2017_val",), evaluator="coco",
-    metrics=("APkp", "APkp50", "APkp75", "APbb"), schedules=standard_schedules("configs/schedules/demo.yaml"),
+    metrics=("APkp", "APkp50", "APkp75", "APbb"),
+    schedules=standard_schedules("configs/schedules/demo_keypoints.yaml"),
     reference=("coco_kp_fpn_2x", "2x"), description="Keypoint R-CNN R50-FPN, COCO person keypoints, 2x",
 ))
 for length in ("1x", "2x"):
     register(Task(
         name=f"lvis_{length}", config=f"configs/detection/lvis_v1_R_50_FPN_{length}.yaml",
         train=("lvis_v1_train",), test=("lvis_v1_val",), evaluator="lvis",
-        metrics=LVIS_METRICS, schedules=standard_schedules("configs/schedules/demo.yaml"),
+        metrics=LVIS_METRICS, schedules=standard_schedules(DEMO_LVIS),
         reference=("lvis_inst", length), fallback=f"lvis_v0.5_{length}",
         description=f"Mask R-CNN R50-FPN, LVIS v1 train -> val (v0.5 when only that is on disk), {length}",
     ))
     register(Task(
         name=f"lvis_v0.5_{length}", config=f"configs/detection/lvis_v0.5_R_50_FPN_{length}.yaml",
         train=("lvis_v0.5_train",), test=("lvis_v0.5_val",), evaluator="lvis",
-        metrics=LVIS_METRICS, schedules=standard_schedules("configs/schedules/demo.yaml"),
+        metrics=LVIS_METRICS, schedules=standard_schedules(DEMO_LVIS),
         reference=("lvis_inst", length),
         description=f"Mask R-CNN R50-FPN, LVIS v0.5 (the paper's version) train -> val, {length}",
     ))
