@@ -167,6 +167,15 @@ def test_custom_dataset_trains_and_evaluates(make, moco_weights, demo_root, tmp_
     assert ("APmk" in record["metrics"]) == (make is _coco_custom)
 
 
+def test_mask_rcnn_trains_with_the_sync_free_rpn_and_roi_heads(moco_weights, demo_root, tmp_path):
+    opts = ["MODEL.PROPOSAL_GENERATOR.NAME", "SyncFreeRPN", "MODEL.ROI_HEADS.NAME", "SyncFreeStandardROIHeads",
+            "SOLVER.MAX_ITER", "5", "SOLVER.STEPS", "(4,)", "TEST.PRECISE_BN.ENABLED", "False"]
+    record = ft.finetune("coco_fpn_1x", moco_weights, "demo", 0, tmp_path, demo_root, opts=opts)
+    assert record["status"] == "ok" and record["iterations"] == 5
+    assert "SyncFreeRPN" in record["config"] and "SyncFreeStandardROIHeads" in record["config"]
+    assert all(v is None or 0 <= v <= 100 for v in record["metrics"].values())
+
+
 def test_two_cpu_processes_and_resume(moco_weights, demo_root, tmp_path):
     """--num-gpus 2 without GPUs: two gloo processes (naiveSyncBN); then a longer run resumes."""
     if torch.cuda.is_available():

@@ -12,6 +12,26 @@ def test_bench_times_the_tasks_training_step(tmp_path):
     assert row.images_per_s == 2 / row.s_per_iter
     table = finetune_bench.markdown([row]).splitlines()
     assert table[0].startswith("| task | precision") and table[2].startswith("| coco_fpn_1x | fp32 | 2 |")
+    # A training step dispatches thousands of operators (backward included), some of them read-backs.
+    assert row.ops_per_step > 1000 and 0 < row.readbacks_per_step < row.ops_per_step
+    sync_free = finetune_bench.time_steps(
+        "coco_fpn_1x", weights, "fp32", "demo", batch=2, warmup=1, iters=1, datasets_root=demo.ensure(),
+        opts=["MODEL.PROPOSAL_GENERATOR.NAME", "SyncFreeRPN", "MODEL.ROI_HEADS.NAME", "SyncFreeStandardROIHeads"])
+    assert sync_free.readbacks_per_step < row.readbacks_per_step / 2
+
+
+def test_the_readback_counter_sees_what_waits_for_a_gpu():
+    import torch
+
+    x = torch.arange(6.0)
+    with finetune_bench.HostReadbacks() as counted:
+        x.sum().item()
+        x[x > 2]
+        torch.nonzero(x)
+        x[torch.tensor([0, 1])]  # integer indexing needs no read-back
+        (x * 2).exp()
+    assert counted.readbacks == {"aten::_local_scalar_dense": 1, "aten::index": 1, "aten::nonzero": 1}
+    assert counted.ops >= 7
 
 
 def test_synthetic_coco_has_cocos_load(tmp_path):

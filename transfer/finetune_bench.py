@@ -5,18 +5,25 @@ our ``Trainer`` (detectron2's data loader, model, optimizer; AMPTrainer for ``am
 ``iters`` steps after ``warmup``. Data time is the loader's share of the step, as detectron2's
 trainer measures it. Weights: given, or a random-init ResNet-50 converted on the fly (the issue's
 "random init" protocol); the config's norms apply (``opts`` may override them, e.g. to BN).
+
+One more step runs under ``HostReadbacks``, which counts the operators it dispatches and those
+that make the host wait for a GPU. A detection step is bound by the host rather than by the GPU
+(profiled on an H100: GPU kernels fill less than half of a Mask R-CNN step): these counts show
+on any machine what a change does to that host work.
 """
 from __future__ import annotations
 
 import statistics
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from transfer import d2compat  # noqa: F401  (before any detectron2 import)
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from transfer.finetune import resolve_config
 from transfer.tasks import get_task
@@ -30,10 +37,52 @@ class StepTiming:
     s_per_iter: float
     data_s_per_iter: float
     peak_memory_gib: float | None
+    ops_per_step: int | None = None  # operators dispatched by one training step
+    readbacks_per_step: int | None = None  # of those, the ones that wait for the GPU
 
     @property
     def images_per_s(self) -> float:
         return self.batch / self.s_per_iter
+
+
+class HostReadbacks(TorchDispatchMode):
+    """Counts dispatched operators, and those that read a GPU result back to the host.
+
+    A read-back (``.item()``, ``bool(tensor)``, ``nonzero``, ``unique``, boolean-mask indexing,
+    ``masked_select``, NMS, whose CUDA kernel finishes on the host, a copy to the host) stops the
+    host until the GPU has run everything queued before it, so the host cannot queue work ahead of
+    the GPU. ``readbacks``: operator name -> count. On a CPU, the same code counts the same, but
+    for copies to the host (``.cpu()``, ``.tolist()``), which do not exist there.
+    """
+
+    READBACK = {"aten::_local_scalar_dense", "aten::nonzero", "aten::nonzero_numpy", "aten::_unique2",
+                "aten::unique_dim", "aten::unique_consecutive", "aten::masked_select",
+                "aten::repeat_interleave", "torchvision::nms"}
+    MASK_INDEXING = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+        self.readbacks = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops += 1
+        if self._reads_back(func._schema.name, args, kwargs):
+            self.readbacks[func._schema.name] += 1
+        return func(*args, **kwargs)
+
+    def _reads_back(self, name: str, args, kwargs) -> bool:
+        if name in self.READBACK:
+            return True
+        if name in self.MASK_INDEXING:  # x[mask]: the result's size is the mask's count
+            return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+        if name == "aten::_to_copy":  # .cpu() / .to("cpu") of a GPU tensor
+            to = torch.device(kwargs.get("device") or args[0].device)
+            return args[0].device.type != "cpu" and to.type == "cpu"
+        if name == "aten::copy_":
+            return args[0].device.type == "cpu" and args[1].device.type != "cpu"
+        return False
 
 
 def random_init_weights(folder) -> Path:
@@ -116,15 +165,19 @@ def time_steps(task_name: str, weights, precision: str, schedule: str = "demo", 
                 if i >= warmup:
                     step_times.append(time.perf_counter() - start)
                     data_times.append(trainer.storage.history("data_time").latest())
-        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+            trainer.storage.iter = trainer.iter = warmup + iters
+            with HostReadbacks() as counted:
+                trainer.run_step()
     return StepTiming(task.name, precision, cfg.SOLVER.IMS_PER_BATCH, statistics.median(step_times),
-                      statistics.median(data_times), peak)
+                      statistics.median(data_times), peak, counted.ops, sum(counted.readbacks.values()))
 
 
 def markdown(rows: list[StepTiming]) -> str:
-    lines = ["| task | precision | batch | s/iter | data s/iter | img/s | peak GiB |", "|---|---|---|---|---|---|---|"]
+    lines = ["| task | precision | batch | s/iter | data s/iter | img/s | peak GiB | ops/step | read-backs/step |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peak = f"{r.peak_memory_gib:.1f}" if r.peak_memory_gib is not None else "n/a"
         lines.append(f"| {r.task} | {r.precision} | {r.batch} | {r.s_per_iter:.3f} | {r.data_s_per_iter:.3f} "
-                     f"| {r.images_per_s:.1f} | {peak} |")
+                     f"| {r.images_per_s:.1f} | {peak} | {r.ops_per_step} | {r.readbacks_per_step} |")
     return "\n".join(lines)

@@ -1,0 +1,97 @@
+"""SyncFreeStandardROIHeads: detectron2's proposal sampling with one read-back per batch."""
+import numpy as np
+import torch
+
+from transfer import d2compat  # noqa: F401
+
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.roi_heads import build_roi_heads
+from detectron2.structures import Boxes, Instances, PolygonMasks
+from detectron2.utils.events import EventStorage
+
+from transfer.d2 import roi_heads  # noqa: F401  (registers the heads)
+from transfer.finetune_bench import HostReadbacks
+
+
+def build_heads(**settings):
+    cfg = get_cfg()
+    cfg.MODEL.MASK_ON = True
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2"]
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
+    cfg.MODEL.ROI_BOX_HEAD.NAME, cfg.MODEL.ROI_BOX_HEAD.NUM_FC = "FastRCNNConvFCHead", 1
+    cfg.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
+    cfg.merge_from_list([x for item in settings.items() for x in item])
+    shapes = {"p2": ShapeSpec(channels=8, stride=4)}
+    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    reference = build_roi_heads(cfg, shapes)
+    cfg.MODEL.ROI_HEADS.NAME = "SyncFreeStandardROIHeads"
+    return reference, build_roi_heads(cfg, shapes)
+
+
+def boxes(n, generator, size=90.0):
+    xy = torch.rand(n, 2, generator=generator) * size * 0.7
+    return torch.cat([xy, xy + torch.rand(n, 2, generator=generator) * size * 0.3 + 2], dim=1)
+
+
+def proposals_and_targets():
+    """Three images: 4 objects, none, 7 objects; proposals near the objects and at random."""
+    generator = torch.Generator().manual_seed(0)
+    proposals, targets = [], []
+    for n, count in ((4, 300), (0, 50), (7, 700)):
+        target = Instances((96, 96))
+        target.gt_boxes = Boxes(boxes(n, generator))
+        target.gt_classes = torch.randint(0, 3, (n,), generator=generator)
+        target.gt_masks = PolygonMasks([[b[[0, 1, 2, 1, 2, 3, 0, 3]].tolist()] for b in target.gt_boxes.tensor])
+        near = target.gt_boxes.tensor.repeat(count // max(n, 1), 1)[:count // 2]
+        near = near + torch.randn(near.shape, generator=generator) * 4
+        proposal = Instances((96, 96))
+        proposal.proposal_boxes = Boxes(torch.cat([near, boxes(count - len(near), generator)]))
+        proposal.objectness_logits = torch.randn(count, generator=generator)
+        proposals.append(proposal)
+        targets.append(target)
+    return proposals, targets
+
+
+def rows(instances):
+    """The sampled proposals as sorted (box, class, gt box, gt polygon) rows: the order is random."""
+    fields = [instances.proposal_boxes.tensor, instances.gt_classes[:, None].float()]
+    if instances.has("gt_boxes"):
+        polygons = torch.tensor(np.stack([p[0] for p in instances.gt_masks.polygons]))
+        fields += [instances.gt_boxes.tensor, polygons]
+    return sorted(map(tuple, torch.cat(fields, dim=1).tolist()))
+
+
+def test_sampling_takes_what_detectron2_takes_when_it_takes_everything():
+    reference, ours = build_heads(**{"MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 100000})
+    proposals, targets = proposals_and_targets()
+    with EventStorage():
+        expected = reference.label_and_sample_proposals(proposals, targets)
+        got = ours.label_and_sample_proposals(proposals, targets)
+    for mine, theirs in zip(got, expected):
+        assert set(mine.get_fields()) == set(theirs.get_fields())
+        assert rows(mine) == rows(theirs)
+
+
+def test_sampled_counts_are_detectron2s_and_nothing_else_is_read_back():
+    reference, ours = build_heads(**{"MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 64})
+    proposals, targets = proposals_and_targets()
+    with EventStorage() as storage:
+        with HostReadbacks() as counted:
+            expected = reference.label_and_sample_proposals(proposals, targets)
+        assert sum(counted.readbacks.values()) >= 3 * len(targets), counted.readbacks
+        expected_counts = storage.latest()["roi_head/num_fg_samples"][0]
+        with HostReadbacks() as counted:
+            got = ours.label_and_sample_proposals(proposals, targets)
+        assert storage.latest()["roi_head/num_fg_samples"][0] == expected_counts
+    # Its one read-back is a copy to the host (.tolist()), which a CPU does not make: nothing else.
+    assert not counted.readbacks, counted.readbacks
+    for mine, theirs in zip(got, expected):
+        assert len(mine) == len(theirs)
+        for label in (3, -1):
+            assert (mine.gt_classes == label).sum() == (theirs.gt_classes == label).sum()
+        # Foreground first, each matched to an object of its class; background after.
+        foreground = mine.gt_classes < 3
+        assert foreground[:foreground.sum()].all()
+        if mine.has("gt_boxes"):
+            assert len(mine.gt_masks) == len(mine)
