@@ -11,13 +11,22 @@ def test_bench_times_the_tasks_training_step(tmp_path):
     assert row.s_per_iter > 0 and 0 <= row.data_s_per_iter < row.s_per_iter
     assert row.images_per_s == 2 / row.s_per_iter
     table = finetune_bench.markdown([row]).splitlines()
-    assert table[0].startswith("| task | precision") and table[2].startswith("| coco_fpn_1x | fp32 | 2 |")
+    assert table[0].startswith("| task | precision") and table[2].startswith("| coco_fpn_1x | fp32 | detectron2 | 2 |")
     # A training step dispatches thousands of operators (backward included), some of them read-backs.
     assert row.ops_per_step > 1000 and 0 < row.readbacks_per_step < row.ops_per_step
-    sync_free = finetune_bench.time_steps(
-        "coco_fpn_1x", weights, "fp32", "demo", batch=2, warmup=1, iters=1, datasets_root=demo.ensure(),
-        opts=["MODEL.PROPOSAL_GENERATOR.NAME", "SyncFreeRPN", "MODEL.ROI_HEADS.NAME", "SyncFreeStandardROIHeads"])
-    assert sync_free.readbacks_per_step < row.readbacks_per_step / 2
+    sync_free = finetune_bench.time_steps("coco_fpn_1x", weights, "fp32", "demo", batch=2, warmup=1, iters=1,
+                                          datasets_root=demo.ensure(), heads="sync_free")
+    assert sync_free.heads == "sync_free" and sync_free.readbacks_per_step < row.readbacks_per_step / 2
+
+
+def test_sync_free_heads_replace_only_detectron2s_rpn_and_standard_roi_heads(moco_weights):
+    from transfer.finetune import resolve_config
+    from transfer.tasks import get_task
+
+    fpn = finetune_bench.with_heads(resolve_config(get_task("coco_fpn_1x"), moco_weights, "demo"), "sync_free")
+    assert (fpn.MODEL.PROPOSAL_GENERATOR.NAME, fpn.MODEL.ROI_HEADS.NAME) == ("SyncFreeRPN", "SyncFreeStandardROIHeads")
+    c4 = finetune_bench.with_heads(resolve_config(get_task("coco_c4_1x"), moco_weights, "demo"), "sync_free")
+    assert (c4.MODEL.PROPOSAL_GENERATOR.NAME, c4.MODEL.ROI_HEADS.NAME) == ("SyncFreeRPN", "Res5ROIHeadsExtraNorm")
 
 
 def test_the_readback_counter_sees_what_waits_for_a_gpu():

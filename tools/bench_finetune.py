@@ -1,10 +1,13 @@
 #!/usr/bin/env python
-"""Fine-tuning speed per task and precision: s/iter, data s/iter, images/s, peak GPU memory.
+"""Fine-tuning speed per task, precision and heads: s/iter, data s/iter, images/s, peak GPU memory,
+operators and GPU read-backs per step.
 
     # one GPU, the issue's protocol: batch 16, random init, BN, full-size inputs on synthetic
-    # COCO-format data with COCO's image size and instance count (written once under /tmp/coco_synth)
+    # COCO-format data with COCO's image size and instance count (written once under /tmp/coco_synth);
+    # detectron2's RPN / ROI heads against our sync-free ones
     python tools/bench_finetune.py --tasks coco_fpn_1x,coco_c4_1x --schedule full --batch 16 \\
-        --precision fp32,amp --synthetic /tmp/coco_synth MODEL.RESNETS.NORM BN MODEL.FPN.NORM BN
+        --precision fp32,amp --heads detectron2,sync_free --synthetic /tmp/coco_synth \\
+        MODEL.RESNETS.NORM BN MODEL.FPN.NORM BN
     # a CPU smoke run on the built-in demo data
     python tools/bench_finetune.py --tasks voc07 --precision fp32 --iters 2 --warmup 1
 
@@ -24,6 +27,8 @@ def main(argv=None):
     p.add_argument("--weights", help="detectron2 weights .pkl (default: a random-init ResNet-50)")
     p.add_argument("--precision", default="fp32,amp", help="comma-separated: fp32, amp (GPU only)")
     p.add_argument("--schedule", default="demo", help="whose input sizes and batch to use: full | quick | demo")
+    p.add_argument("--heads", default="detectron2",
+                   help="comma-separated: detectron2 (its RPN and ROI heads), sync_free (ours, transfer/d2/)")
     p.add_argument("--batch", type=int, help="SOLVER.IMS_PER_BATCH (default: the schedule's)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
@@ -41,6 +46,9 @@ def main(argv=None):
     precisions = args.precision.split(",")
     if "amp" in precisions and not torch.cuda.is_available():
         raise UserError("--precision amp: mixed precision needs a GPU (use --precision fp32)")
+    unknown = sorted(set(args.heads.split(",")) - set(finetune_bench.HEADS))
+    if unknown:
+        raise UserError(f"--heads {args.heads}: {', '.join(unknown)} is not one of {', '.join(finetune_bench.HEADS)}")
     if args.synthetic and args.datasets:
         raise UserError("--synthetic and --datasets: give one of them")
     root = finetune_bench.synthetic_coco(args.synthetic) if args.synthetic else args.datasets or demo.ensure()
@@ -49,9 +57,10 @@ def main(argv=None):
         weights = args.weights or finetune_bench.random_init_weights(tmp)
         for task in args.tasks.split(","):
             for precision in precisions:
-                rows.append(finetune_bench.time_steps(task, weights, precision, args.schedule, args.batch,
-                                                      args.warmup, args.iters, root, args.opts))
-                print(finetune_bench.markdown(rows[-1:]).splitlines()[-1], flush=True)
+                for heads in args.heads.split(","):
+                    rows.append(finetune_bench.time_steps(task, weights, precision, args.schedule, args.batch,
+                                                          args.warmup, args.iters, root, args.opts, heads))
+                    print(finetune_bench.markdown(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(finetune_bench.markdown(rows))
 

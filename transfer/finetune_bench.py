@@ -9,7 +9,8 @@ trainer measures it. Weights: given, or a random-init ResNet-50 converted on the
 One more step runs under ``HostReadbacks``, which counts the operators it dispatches and those
 that make the host wait for a GPU. A detection step is bound by the host rather than by the GPU
 (profiled on an H100: GPU kernels fill less than half of a Mask R-CNN step): these counts show
-on any machine what a change does to that host work.
+on any machine what a change does to that host work. ``heads="sync_free"`` times the same model
+with our sync-free RPN and ROI heads in place of detectron2's (``SYNC_FREE``).
 """
 from __future__ import annotations
 
@@ -25,14 +26,23 @@ from transfer import d2compat  # noqa: F401  (before any detectron2 import)
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from transfer.errors import UserError
 from transfer.finetune import resolve_config
 from transfer.tasks import get_task
+
+
+# detectron2's heads -> ours, with the same weights, config keys and results but fewer read-backs
+# (transfer/d2/rpn.py, roi_heads.py). Other heads (the C4 models' Res5ROIHeadsExtraNorm) stay.
+SYNC_FREE = {"PROPOSAL_GENERATOR": {"RPN": "SyncFreeRPN"},
+             "ROI_HEADS": {"StandardROIHeads": "SyncFreeStandardROIHeads"}}
+HEADS = ("detectron2", "sync_free")
 
 
 @dataclass
 class StepTiming:
     task: str
     precision: str
+    heads: str
     batch: int
     s_per_iter: float
     data_s_per_iter: float
@@ -135,8 +145,22 @@ def synthetic_coco(root, num_images: int = 64, size=(640, 480), objects=(4, 11),
     return root
 
 
+def with_heads(cfg, heads: str):
+    """``cfg`` with detectron2's heads (``detectron2``) or their sync-free versions (``sync_free``)."""
+    if heads not in HEADS:
+        raise UserError(f"--heads {heads}: one of {', '.join(HEADS)}")
+    cfg = cfg.clone()
+    cfg.defrost()
+    if heads == "sync_free":
+        for node, ours in SYNC_FREE.items():
+            cfg.MODEL[node].NAME = ours.get(cfg.MODEL[node].NAME, cfg.MODEL[node].NAME)
+    cfg.freeze()
+    return cfg
+
+
 def time_steps(task_name: str, weights, precision: str, schedule: str = "demo", batch: int | None = None,
-               warmup: int = 3, iters: int = 10, datasets_root=None, opts=()) -> StepTiming:
+               warmup: int = 3, iters: int = 10, datasets_root=None, opts=(),
+               heads: str = "detectron2") -> StepTiming:
     from detectron2.utils.events import EventStorage
 
     from transfer.d2.trainer import Trainer
@@ -148,7 +172,7 @@ def time_steps(task_name: str, weights, precision: str, schedule: str = "demo", 
     extra = list(opts) + (["SOLVER.IMS_PER_BATCH", batch] if batch else [])
     with tempfile.TemporaryDirectory() as out:
         cfg = resolve_config(task, weights, schedule, output_dir=out, opts=extra, amp=precision == "amp")
-        trainer = Trainer(cfg)
+        trainer = Trainer(with_heads(cfg, heads))
         trainer.resume_or_load(resume=False)
         trainer.iter = trainer.start_iter = 0
         cuda = cfg.MODEL.DEVICE == "cuda"
@@ -169,15 +193,17 @@ def time_steps(task_name: str, weights, precision: str, schedule: str = "demo", 
             trainer.storage.iter = trainer.iter = warmup + iters
             with HostReadbacks() as counted:
                 trainer.run_step()
-    return StepTiming(task.name, precision, cfg.SOLVER.IMS_PER_BATCH, statistics.median(step_times),
+    return StepTiming(task.name, precision, heads, cfg.SOLVER.IMS_PER_BATCH, statistics.median(step_times),
                       statistics.median(data_times), peak, counted.ops, sum(counted.readbacks.values()))
 
 
 def markdown(rows: list[StepTiming]) -> str:
-    lines = ["| task | precision | batch | s/iter | data s/iter | img/s | peak GiB | ops/step | read-backs/step |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    columns = ["task", "precision", "heads", "batch", "s/iter", "data s/iter", "img/s", "peak GiB", "ops/step",
+               "read-backs/step"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         peak = f"{r.peak_memory_gib:.1f}" if r.peak_memory_gib is not None else "n/a"
-        lines.append(f"| {r.task} | {r.precision} | {r.batch} | {r.s_per_iter:.3f} | {r.data_s_per_iter:.3f} "
-                     f"| {r.images_per_s:.1f} | {peak} | {r.ops_per_step} | {r.readbacks_per_step} |")
+        lines.append(f"| {r.task} | {r.precision} | {r.heads} | {r.batch} | {r.s_per_iter:.3f} "
+                     f"| {r.data_s_per_iter:.3f} | {r.images_per_s:.1f} | {peak} | {r.ops_per_step} "
+                     f"| {r.readbacks_per_step} |")
     return "\n".join(lines)

@@ -14,6 +14,8 @@ cannot take the suite down) while the suite holds an exclusive ``flock`` on the 
 file; the subprocess inherits the lock, so it stays held as long as either of them lives.
 Concurrent invocations on the same output therefore never run the same run twice: a run locked by
 another invocation is waited for at the end and only re-run if that invocation did not finish it.
+A run whose resolved config equals an earlier run's of the plan (``repeated_runs``: the demo
+schedules of a 1x and a 2x task) is not trained: it gets that run's result (``reuse``).
 
 Launchers: ``local`` runs one run at a time on this machine, each on ``num_gpus`` GPUs through
 detectron2's launch (inside tools/finetune.py); ``slurm`` submits each run as a job through
@@ -382,7 +384,7 @@ def reuse(run: Run, original: Run) -> Outcome:
                       same_run_as=original.name)
         if record["status"] == "ok":
             task = get_task(run.task_spec or run.task)
-            record["metrics"] = headline_metrics(task.evaluator, record["all_metrics"], task.metrics)
+            record["metrics"] = headline_metrics(task.evaluator, record.get("all_metrics") or {}, task.metrics)
         else:
             record["error"] = f"it repeats {original.name}, which failed: {record.get('error')}"
         atomic_write_json(run.metrics_path, record)
