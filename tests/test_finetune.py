@@ -167,12 +167,14 @@ def test_custom_dataset_trains_and_evaluates(make, moco_weights, demo_root, tmp_
     assert ("APmk" in record["metrics"]) == (make is _coco_custom)
 
 
-def test_mask_rcnn_trains_with_the_sync_free_rpn_and_roi_heads(moco_weights, demo_root, tmp_path):
-    opts = ["MODEL.PROPOSAL_GENERATOR.NAME", "SyncFreeRPN", "MODEL.ROI_HEADS.NAME", "SyncFreeStandardROIHeads",
+@pytest.mark.parametrize("name, heads", [("coco_fpn_1x", "SyncFreeStandardROIHeads"),
+                                         ("coco_c4_1x", "SyncFreeRes5ROIHeadsExtraNorm")])
+def test_mask_rcnn_trains_with_the_sync_free_rpn_and_roi_heads(name, heads, moco_weights, demo_root, tmp_path):
+    opts = ["MODEL.PROPOSAL_GENERATOR.NAME", "SyncFreeRPN", "MODEL.ROI_HEADS.NAME", heads,
             "SOLVER.MAX_ITER", "5", "SOLVER.STEPS", "(4,)", "TEST.PRECISE_BN.ENABLED", "False"]
-    record = ft.finetune("coco_fpn_1x", moco_weights, "demo", 0, tmp_path, demo_root, opts=opts)
+    record = ft.finetune(name, moco_weights, "demo", 0, tmp_path, demo_root, opts=opts)
     assert record["status"] == "ok" and record["iterations"] == 5
-    assert "SyncFreeRPN" in record["config"] and "SyncFreeStandardROIHeads" in record["config"]
+    assert "SyncFreeRPN" in record["config"] and heads in record["config"]
     assert all(v is None or 0 <= v <= 100 for v in record["metrics"].values())
 
 

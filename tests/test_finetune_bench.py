@@ -19,14 +19,16 @@ def test_bench_times_the_tasks_training_step(tmp_path):
     assert sync_free.heads == "sync_free" and sync_free.readbacks_per_step < row.readbacks_per_step / 2
 
 
-def test_sync_free_heads_replace_only_detectron2s_rpn_and_standard_roi_heads(moco_weights):
+def test_sync_free_heads_replace_detectron2s_rpn_and_our_roi_heads(moco_weights):
     from transfer.finetune import resolve_config
     from transfer.tasks import get_task
 
     fpn = finetune_bench.with_heads(resolve_config(get_task("coco_fpn_1x"), moco_weights, "demo"), "sync_free")
     assert (fpn.MODEL.PROPOSAL_GENERATOR.NAME, fpn.MODEL.ROI_HEADS.NAME) == ("SyncFreeRPN", "SyncFreeStandardROIHeads")
     c4 = finetune_bench.with_heads(resolve_config(get_task("coco_c4_1x"), moco_weights, "demo"), "sync_free")
-    assert (c4.MODEL.PROPOSAL_GENERATOR.NAME, c4.MODEL.ROI_HEADS.NAME) == ("SyncFreeRPN", "Res5ROIHeadsExtraNorm")
+    assert (c4.MODEL.PROPOSAL_GENERATOR.NAME, c4.MODEL.ROI_HEADS.NAME) == ("SyncFreeRPN", "SyncFreeRes5ROIHeadsExtraNorm")
+    custom = resolve_config(get_task("coco_fpn_1x"), moco_weights, "demo", opts=["MODEL.ROI_HEADS.NAME", "Res5ROIHeads"])
+    assert finetune_bench.with_heads(custom, "sync_free").MODEL.ROI_HEADS.NAME == "Res5ROIHeads"  # no sync-free twin
 
 
 def test_the_readback_counter_sees_what_waits_for_a_gpu():

@@ -1,5 +1,7 @@
-"""SyncFreeStandardROIHeads: detectron2's proposal sampling with one read-back per batch."""
+"""SyncFreeSampling (in SyncFreeStandardROIHeads, SyncFreeRes5ROIHeadsExtraNorm): detectron2's proposal
+sampling with one read-back per batch."""
 import numpy as np
+import pytest
 import torch
 
 from transfer import d2compat  # noqa: F401
@@ -14,18 +16,24 @@ from transfer.d2 import roi_heads  # noqa: F401  (registers the heads)
 from transfer.finetune_bench import HostReadbacks
 
 
-def build_heads(**settings):
+# detectron2's (or our C4) head -> its sync-free version, and the features each reads.
+HEADS = {"StandardROIHeads": ("SyncFreeStandardROIHeads", {"p2": ShapeSpec(channels=8, stride=4)}),
+         "Res5ROIHeadsExtraNorm": ("SyncFreeRes5ROIHeadsExtraNorm", {"res4": ShapeSpec(channels=64, stride=16)})}
+
+
+def build_heads(name, **settings):
+    sync_free, shapes = HEADS[name]
     cfg = get_cfg()
     cfg.MODEL.MASK_ON = True
-    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2"]
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = list(shapes)
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS, cfg.MODEL.RESNETS.NUM_GROUPS = 16, 1  # a narrow res5
     cfg.MODEL.ROI_BOX_HEAD.NAME, cfg.MODEL.ROI_BOX_HEAD.NUM_FC = "FastRCNNConvFCHead", 1
     cfg.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
     cfg.merge_from_list([x for item in settings.items() for x in item])
-    shapes = {"p2": ShapeSpec(channels=8, stride=4)}
-    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    cfg.MODEL.ROI_HEADS.NAME = name
     reference = build_roi_heads(cfg, shapes)
-    cfg.MODEL.ROI_HEADS.NAME = "SyncFreeStandardROIHeads"
+    cfg.MODEL.ROI_HEADS.NAME = sync_free
     return reference, build_roi_heads(cfg, shapes)
 
 
@@ -62,8 +70,9 @@ def rows(instances):
     return sorted(map(tuple, torch.cat(fields, dim=1).tolist()))
 
 
-def test_sampling_takes_what_detectron2_takes_when_it_takes_everything():
-    reference, ours = build_heads(**{"MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 100000})
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_sampling_takes_what_detectron2_takes_when_it_takes_everything(head):
+    reference, ours = build_heads(head, **{"MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 100000})
     proposals, targets = proposals_and_targets()
     with EventStorage():
         expected = reference.label_and_sample_proposals(proposals, targets)
@@ -73,8 +82,9 @@ def test_sampling_takes_what_detectron2_takes_when_it_takes_everything():
         assert rows(mine) == rows(theirs)
 
 
-def test_sampled_counts_are_detectron2s_and_nothing_else_is_read_back():
-    reference, ours = build_heads(**{"MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 64})
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_sampled_counts_are_detectron2s_and_nothing_else_is_read_back(head):
+    reference, ours = build_heads(head, **{"MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 64})
     proposals, targets = proposals_and_targets()
     with EventStorage() as storage:
         with HostReadbacks() as counted:

@@ -32,9 +32,10 @@ from transfer.tasks import get_task
 
 
 # detectron2's heads -> ours, with the same weights, config keys and results but fewer read-backs
-# (transfer/d2/rpn.py, roi_heads.py). Other heads (the C4 models' Res5ROIHeadsExtraNorm) stay.
+# (transfer/d2/rpn.py, roi_heads.py). Other heads stay.
 SYNC_FREE = {"PROPOSAL_GENERATOR": {"RPN": "SyncFreeRPN"},
-             "ROI_HEADS": {"StandardROIHeads": "SyncFreeStandardROIHeads"}}
+             "ROI_HEADS": {"StandardROIHeads": "SyncFreeStandardROIHeads",
+                           "Res5ROIHeadsExtraNorm": "SyncFreeRes5ROIHeadsExtraNorm"}}
 HEADS = ("detectron2", "sync_free")
 
 

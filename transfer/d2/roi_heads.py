@@ -1,13 +1,14 @@
-"""Our ROI heads: the C4 box head of the MoCo paper, and FPN heads with sync-free proposal sampling.
+"""Our ROI heads: the C4 box head of the MoCo paper, and heads with sync-free proposal sampling.
 
 ``Res5ROIHeadsExtraNorm``: fine-tuning a self-supervised backbone with normalisation trained
 everywhere means the new head needs a norm too (MoCo paper §4.2); the official detection code calls
 this head ``Res5ROIHeadsExtraNorm`` and configs select it with ``MODEL.ROI_HEADS.NAME``.
 
-``SyncFreeStandardROIHeads``: detectron2's StandardROIHeads samples the proposals of each image
-with ~9 read-backs of GPU values (see transfer/d2/rpn.py for why those cost time): the Matcher,
-boolean-mask label assignment, ``subsample_labels``, the logged sample counts, the polygon masks'
-indices. This head samples the same way with one read-back for the whole batch.
+``SyncFreeSampling``: detectron2's ROI heads sample the proposals of each image with ~9 read-backs
+of GPU values (see transfer/d2/rpn.py for why those cost time): the Matcher, boolean-mask label
+assignment, ``subsample_labels``, the logged sample counts, the polygon masks' indices. This
+sampling draws the same way with one read-back for the whole batch; ``SyncFreeStandardROIHeads``
+(FPN) and ``SyncFreeRes5ROIHeadsExtraNorm`` (C4) are the heads above with it.
 """
 from __future__ import annotations
 
@@ -35,9 +36,8 @@ class Res5ROIHeadsExtraNorm(Res5ROIHeads):
         return seq, out_channels
 
 
-@ROI_HEADS_REGISTRY.register()
-class SyncFreeStandardROIHeads(StandardROIHeads):
-    """StandardROIHeads (same config keys and weights) sampling proposals with one read-back per batch."""
+class SyncFreeSampling:
+    """``label_and_sample_proposals`` of detectron2's ROIHeads with one read-back per batch."""
 
     @torch.no_grad()
     def label_and_sample_proposals(self, proposals, targets):
@@ -89,3 +89,13 @@ class SyncFreeStandardROIHeads(StandardROIHeads):
         storage.put_scalar("roi_head/num_fg_samples", sum(row[0] for row in host) / len(host))
         storage.put_scalar("roi_head/num_bg_samples", sum(row[1] for row in host) / len(host))
         return sampled_proposals
+
+
+@ROI_HEADS_REGISTRY.register()
+class SyncFreeStandardROIHeads(SyncFreeSampling, StandardROIHeads):
+    """StandardROIHeads (same config keys and weights) sampling proposals with one read-back per batch."""
+
+
+@ROI_HEADS_REGISTRY.register()
+class SyncFreeRes5ROIHeadsExtraNorm(SyncFreeSampling, Res5ROIHeadsExtraNorm):
+    """Res5ROIHeadsExtraNorm (same config keys and weights) sampling proposals with one read-back per batch."""
