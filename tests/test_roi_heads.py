@@ -105,3 +105,21 @@ def test_sampled_counts_are_detectron2s_and_nothing_else_is_read_back(head):
         assert foreground[:foreground.sum()].all()
         if mine.has("gt_boxes"):
             assert len(mine.gt_masks) == len(mine)
+
+
+def test_the_mask_head_trains_on_the_same_foreground_without_selecting_it():
+    reference, ours = build_heads("StandardROIHeads", **{"MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 64})
+    ours.load_state_dict(reference.state_dict())
+    ours.train(), reference.train()
+    proposals, targets = proposals_and_targets()
+    features = {"p2": torch.randn(3, 8, 24, 24, generator=torch.Generator().manual_seed(3))}
+    with EventStorage():
+        sampled = ours.label_and_sample_proposals(proposals, targets)
+        with HostReadbacks() as detectron2s:
+            expected = reference._forward_mask(features, sampled)
+        with HostReadbacks() as counted:
+            got = ours._forward_mask(features, sampled)
+    torch.testing.assert_close(got["loss_mask"], expected["loss_mask"])
+    # detectron2 reads each image's foreground indices back (and indexes its fields with them).
+    assert sum(counted.readbacks.values()) + len(sampled) <= sum(detectron2s.readbacks.values()), (
+        counted.readbacks, detectron2s.readbacks)

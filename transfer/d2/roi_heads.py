@@ -8,7 +8,8 @@ this head ``Res5ROIHeadsExtraNorm`` and configs select it with ``MODEL.ROI_HEADS
 of GPU values (see transfer/d2/rpn.py for why those cost time): the Matcher, boolean-mask label
 assignment, ``subsample_labels``, the logged sample counts, the polygon masks' indices. This
 sampling draws the same way with one read-back for the whole batch; ``SyncFreeStandardROIHeads``
-(FPN) and ``SyncFreeRes5ROIHeadsExtraNorm`` (C4) are the heads above with it.
+(FPN; its mask head also takes the sampled foreground as a slice) and
+``SyncFreeRes5ROIHeadsExtraNorm`` (C4) are the heads above with it.
 """
 from __future__ import annotations
 
@@ -76,6 +77,7 @@ class SyncFreeSampling:
             fg, bg, *matched_i = host[i]
             keep = torch.cat([order[i, :fg], order[i, first_background:first_background + bg]])
             sampled = proposals_i[keep]
+            sampled._num_foreground = fg  # they come first (an attribute, not a per-proposal field)
             sampled.gt_classes = classes[i][keep]
             if len(targets_i) > 0:  # as detectron2: images without objects get no gt_* fields
                 on_host = matched_i[:fg] + matched_i[first_background:first_background + bg]
@@ -93,7 +95,20 @@ class SyncFreeSampling:
 
 @ROI_HEADS_REGISTRY.register()
 class SyncFreeStandardROIHeads(SyncFreeSampling, StandardROIHeads):
-    """StandardROIHeads (same config keys and weights) sampling proposals with one read-back per batch."""
+    """StandardROIHeads (same config keys and weights) sampling proposals with one read-back per batch.
+
+    Its mask head trains on the sampled foreground, which comes first: a slice, where detectron2's
+    ``select_foreground_proposals`` reads each image's foreground indices back.
+    """
+
+    def _forward_mask(self, features, instances):
+        if not (self.training and self.mask_on):
+            return super()._forward_mask(features, instances)
+        instances = [x[:x._num_foreground] for x in instances]
+        if self.mask_pooler is None:
+            return self.mask_head({f: features[f] for f in self.mask_in_features}, instances)
+        boxes = [x.proposal_boxes for x in instances]
+        return self.mask_head(self.mask_pooler([features[f] for f in self.mask_in_features], boxes), instances)
 
 
 @ROI_HEADS_REGISTRY.register()
