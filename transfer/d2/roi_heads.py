@@ -23,7 +23,7 @@ from detectron2.structures import PolygonMasks, pairwise_iou
 from detectron2.utils.events import get_event_storage
 from torch.nn.utils.rnn import pad_sequence
 
-from transfer.d2.rpn import candidates_first, match
+from transfer.d2.rpn import candidates_first, match, sample_sizes
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -59,13 +59,11 @@ class SyncFreeSampling:
             matches.append(matches_i)
         # subsample_labels for all images at once (padding is neither foreground nor background).
         padded = pad_sequence(classes, batch_first=True, padding_value=-1)
-        foreground = (padded != -1) & (padded != self.num_classes)
-        most_foreground = int(self.batch_size_per_image * self.positive_fraction)
-        num_foreground = foreground.sum(dim=1).clamp(max=most_foreground)
-        num_background = torch.minimum((padded == self.num_classes).sum(dim=1),
-                                       self.batch_size_per_image - num_foreground)
+        foreground, background = (padded != -1) & (padded != self.num_classes), padded == self.num_classes
+        num_foreground, num_background, most_foreground = sample_sizes(
+            foreground, background, self.batch_size_per_image, self.positive_fraction)
         order = torch.cat([candidates_first(foreground, most_foreground),
-                           candidates_first(padded == self.num_classes, self.batch_size_per_image)], dim=1)
+                           candidates_first(background, self.batch_size_per_image)], dim=1)
         matched = pad_sequence(matches, batch_first=True).gather(1, order)
         # The one read-back: how many of each image's samples to keep, and (for polygon masks,
         # which live on the host) which gt objects they are matched to.

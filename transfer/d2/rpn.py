@@ -50,6 +50,14 @@ def match(matcher: Matcher, quality: torch.Tensor) -> tuple[torch.Tensor, torch.
     return matches, labels
 
 
+def sample_sizes(positive: torch.Tensor, negative: torch.Tensor, batch_size: int, positive_fraction: float):
+    """``subsample_labels``' sample sizes for each row: (#positives, #negatives, the most positives)."""
+    most_positive = int(batch_size * positive_fraction)
+    num_positive = positive.sum(dim=1).clamp(max=most_positive)
+    num_negative = torch.minimum(negative.sum(dim=1), batch_size - num_positive)
+    return num_positive, num_negative, most_positive
+
+
 def candidates_first(candidates: torch.Tensor, most: int) -> torch.Tensor:
     """(N, most) column indices: each row's True entries in random order, then other entries.
 
@@ -157,9 +165,8 @@ class SyncFreeRPN(RPN):
     def _subsample_batch(self, labels: torch.Tensor) -> torch.Tensor:
         """``subsample_labels`` of every image (row) at once: -1 where not sampled."""
         positive, negative = labels == 1, labels == 0
-        most_positive = int(self.batch_size_per_image * self.positive_fraction)
-        num_positive = positive.sum(dim=1).clamp(max=most_positive)
-        num_negative = torch.minimum(negative.sum(dim=1), self.batch_size_per_image - num_positive)
+        num_positive, num_negative, most_positive = sample_sizes(
+            positive, negative, self.batch_size_per_image, self.positive_fraction)
         sampled = torch.full_like(labels, -1)
         sampled.masked_fill_(sample_per_row(positive, num_positive, most_positive), 1)
         sampled.masked_fill_(sample_per_row(negative, num_negative, self.batch_size_per_image), 0)
