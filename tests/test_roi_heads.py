@@ -12,7 +12,8 @@ from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
-from transfer.d2 import roi_heads  # noqa: F401  (registers the heads)
+from transfer.d2 import roi_heads, step_scalars  # (importing roi_heads registers the heads)
+from transfer.d2.mask_targets import PackedPolygons
 from transfer.finetune_bench import HostReadbacks
 
 
@@ -61,12 +62,18 @@ def proposals_and_targets():
     return proposals, targets
 
 
+def first_polygons(masks):
+    """Each object's first polygon, flat (the test objects' polygons all have 4 vertices)."""
+    if isinstance(masks, PackedPolygons):
+        return masks.vertices[:, 0].flatten(1)
+    return torch.tensor(np.stack([p[0] for p in masks.polygons]))
+
+
 def rows(instances):
     """The sampled proposals as sorted (box, class, gt box, gt polygon) rows: the order is random."""
     fields = [instances.proposal_boxes.tensor, instances.gt_classes[:, None].float()]
     if instances.has("gt_boxes"):
-        polygons = torch.tensor(np.stack([p[0] for p in instances.gt_masks.polygons]))
-        fields += [instances.gt_boxes.tensor, polygons]
+        fields += [instances.gt_boxes.tensor, first_polygons(instances.gt_masks)]
     return sorted(map(tuple, torch.cat(fields, dim=1).tolist()))
 
 
@@ -107,19 +114,46 @@ def test_sampled_counts_are_detectron2s_and_nothing_else_is_read_back(head):
             assert len(mine.gt_masks) == len(mine)
 
 
-def test_the_mask_head_trains_on_the_same_foreground_without_selecting_it():
+def logged(storage, prefix):
+    return {name: value for name, (value, _) in storage.latest().items() if name.startswith(prefix)}
+
+
+def test_the_mask_head_trains_on_the_same_foreground_and_logs_the_same_without_read_backs():
     reference, ours = build_heads("StandardROIHeads", **{"MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 64})
     ours.load_state_dict(reference.state_dict())
     ours.train(), reference.train()
     proposals, targets = proposals_and_targets()
     features = {"p2": torch.randn(3, 8, 24, 24, generator=torch.Generator().manual_seed(3))}
-    with EventStorage():
+    with EventStorage() as storage:
         sampled = ours.label_and_sample_proposals(proposals, targets)
         with HostReadbacks() as detectron2s:
             expected = reference._forward_mask(features, sampled)
-        with HostReadbacks() as counted:
+        with step_scalars.collect() as scalars, HostReadbacks() as counted:
             got = ours._forward_mask(features, sampled)
-    torch.testing.assert_close(got["loss_mask"], expected["loss_mask"])
-    # detectron2 reads each image's foreground indices back (and indexes its fields with them).
-    assert sum(counted.readbacks.values()) + len(sampled) <= sum(detectron2s.readbacks.values()), (
-        counted.readbacks, detectron2s.readbacks)
+        torch.testing.assert_close(got["loss_mask"], expected["loss_mask"])
+        assert step_scalars.read_back(scalars) == pytest.approx(logged(storage, "mask_rcnn/"))
+    # detectron2 reads each image's foreground indices back (and indexes its fields with them),
+    # and each statistic it logs.
+    assert not counted.readbacks and sum(detectron2s.readbacks.values()) >= len(sampled) + 3, detectron2s.readbacks
+
+
+@pytest.mark.parametrize("agnostic", [False, True], ids=["per_class", "class_agnostic"])
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_box_losses_and_statistics_are_detectron2s_without_read_backs(head, agnostic):
+    reference, ours = build_heads(head, **{"MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 64,
+                                           "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG": agnostic})
+    assert type(ours.box_predictor) is roi_heads.SyncFreeFastRCNNOutputLayers
+    ours.load_state_dict(reference.state_dict())
+    proposals, targets = proposals_and_targets()
+    generator = torch.Generator().manual_seed(4)
+    with EventStorage() as storage:
+        sampled = ours.label_and_sample_proposals(proposals, targets)
+        features = torch.randn(sum(map(len, sampled)), ours.box_predictor.cls_score.in_features, generator=generator)
+        predictions = reference.box_predictor(features)
+        expected = reference.box_predictor.losses(predictions, sampled)
+        with step_scalars.collect() as scalars, HostReadbacks() as counted:
+            got = ours.box_predictor.losses(predictions, sampled)
+        assert not counted.readbacks, counted.readbacks
+        torch.testing.assert_close(got, expected)
+        assert expected["loss_box_reg"] > 0
+        assert step_scalars.read_back(scalars) == pytest.approx(logged(storage, "fast_rcnn/"))

@@ -62,8 +62,10 @@ class HostReadbacks(TorchDispatchMode):
     A read-back (``.item()``, ``bool(tensor)``, ``nonzero``, ``unique``, boolean-mask indexing,
     ``masked_select``, NMS, whose CUDA kernel finishes on the host, a copy to the host) stops the
     host until the GPU has run everything queued before it, so the host cannot queue work ahead of
-    the GPU. ``readbacks``: operator name -> count. On a CPU, the same code counts the same, but
-    for copies to the host (``.cpu()``, ``.tolist()``), which do not exist there.
+    the GPU. So does a copy to the GPU that is not ``non_blocking`` (PyTorch synchronizes the
+    stream after it), e.g. ``torch.tensor(values, device="cuda")``. ``readbacks``: operator name ->
+    count. On a CPU, the same code counts the same, but for copies between host and GPU
+    (``.cpu()``, ``.tolist()``, ``.to("cuda")``), which do not exist there.
     """
 
     READBACK = {"aten::_local_scalar_dense", "aten::nonzero", "aten::nonzero_numpy", "aten::_unique2",
@@ -88,12 +90,20 @@ class HostReadbacks(TorchDispatchMode):
             return True
         if name in self.MASK_INDEXING:  # x[mask]: the result's size is the mask's count
             return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
-        if name == "aten::_to_copy":  # .cpu() / .to("cpu") of a GPU tensor
-            to = torch.device(kwargs.get("device") or args[0].device)
-            return args[0].device.type != "cpu" and to.type == "cpu"
+        if name == "aten::_to_copy":
+            source, target = args[0].device, torch.device(kwargs.get("device") or args[0].device)
+            return self._waits(source, target, kwargs.get("non_blocking", False))
         if name == "aten::copy_":
-            return args[0].device.type == "cpu" and args[1].device.type != "cpu"
+            non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+            return self._waits(args[1].device, args[0].device, non_blocking)
         return False
+
+    @staticmethod
+    def _waits(source: torch.device, target: torch.device, non_blocking: bool) -> bool:
+        """Whether a copy waits for the GPU: any copy to the host, a blocking one to the GPU."""
+        if source.type != "cpu" and target.type == "cpu":
+            return True
+        return source.type == "cpu" and target.type != "cpu" and not non_blocking
 
 
 def random_init_weights(folder) -> Path:

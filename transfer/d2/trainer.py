@@ -3,7 +3,9 @@
 - the evaluator is the task's (``cfg.TRANSFER.EVALUATOR``), see transfer/d2/evaluation.py;
 - a loss that becomes NaN / inf stops the run with ``TrainingDiverged`` and a message that says
   what usually causes it, instead of a bare FloatingPointError;
-- detectron2's training log goes to ``train_log.json``: ``metrics.json`` in a run folder is ours.
+- detectron2's training log goes to ``train_log.json``: ``metrics.json`` in a run folder is ours;
+- the losses and the heads' statistics are read back from the GPU once per step, after the
+  optimizer's update is queued, rather than one ``.item()`` at a time (step_scalars.py).
 
 Kept from DefaultTrainer: precise BN (``TEST.PRECISE_BN``, run before the final evaluation), AMP
 (``SOLVER.AMP.ENABLED`` selects detectron2's AMPTrainer), checkpoints and resume, DDP.
@@ -12,13 +14,16 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from transfer import d2compat  # noqa: F401  (before any detectron2 import)
 
 from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer
-from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter, get_event_storage
 
-from transfer.d2 import evaluation
+from transfer.d2 import evaluation, step_scalars
 from transfer.d2 import semseg  # also registers FCNHead
 
 
@@ -33,7 +38,31 @@ def _mapper(cfg, is_train: bool):
     return DatasetMapper(cfg, is_train=is_train)
 
 
+def _log_losses(losses: dict[str, float], data_time: float) -> None:
+    """detectron2's ``SimpleTrainer.write_metrics``, given the losses as floats."""
+    everyone = comm.gather({**losses, "data_time": data_time})
+    if comm.is_main_process():
+        storage = get_event_storage()
+        storage.put_scalar("data_time", max(x.pop("data_time") for x in everyone))  # the slowest sets the pace
+        losses = {name: float(np.mean([x[name] for x in everyone])) for name in everyone[0]}
+        total = sum(losses.values())
+        if not np.isfinite(total):
+            raise FloatingPointError(f"Loss became infinite or NaN at iteration={storage.iter}!\nloss_dict = {losses}")
+        storage.put_scalar("total_loss", total)
+        if len(losses) > 1:
+            storage.put_scalars(**losses)
+
+
 class Trainer(DefaultTrainer):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # detectron2's SimpleTrainer / AMPTrainer read each loss back here, between backward and
+        # the optimizer's step; we keep them for the step's one read-back in run_step.
+        self._trainer._write_metrics = self._keep_losses
+
+    def _keep_losses(self, loss_dict, data_time, prefix=""):
+        self._step_losses = (loss_dict, data_time)
+
     @classmethod
     def build_train_loader(cls, cfg):
         # The training data path: detectron2's mapper (decode, resize, flip) and its
@@ -59,7 +88,12 @@ class Trainer(DefaultTrainer):
 
     def run_step(self):
         try:
-            super().run_step()
+            with step_scalars.collect() as scalars:
+                super().run_step()
+            loss_dict, data_time = self._step_losses
+            values = step_scalars.read_back({**scalars, **{f"loss/{k}": v for k, v in loss_dict.items()}})
+            _log_losses({name: values[f"loss/{name}"] for name in loss_dict}, data_time)
+            self.storage.put_scalars(**{name: values[name] for name in scalars})
         except FloatingPointError as e:
             # detectron2 checks the (all-reduced) loss every iteration on the main process.
             raise TrainingDiverged(

@@ -1,0 +1,85 @@
+"""Mask R-CNN's polygon mask targets, rasterized on the device that trains.
+
+detectron2 keeps polygon masks on the host and rasterizes each sampled foreground proposal's
+28 x 28 target there with pycocotools (``PolygonMasks.crop_and_resize``): ~2,000 targets and ~50 ms
+of host time per batch of 16 COCO images, while the GPU waits, then a blocking copy per image.
+``PackedPolygons`` holds the polygons of an image's objects in one padded tensor on the device;
+its ``crop_and_resize`` rasterizes every proposal's target at once with a few tensor operations
+and reads nothing back.
+
+Rasterization samples pixel centres with the even-odd rule per polygon and takes the union of an
+object's polygons, as pycocotools' ``merge`` does. pycocotools first rounds vertices to 1/5 pixel,
+as we do, then walks the edges at 5x resolution; the two still disagree on about 0.6% of pixels
+(where the boundary passes through), half as many as detectron2's bitmask targets, which it
+documents as equally accurate (tests/test_mask_targets.py).
+"""
+from __future__ import annotations
+
+from transfer import d2compat  # noqa: F401  (before any detectron2 import)
+
+import numpy as np
+import torch
+from detectron2.structures import PolygonMasks
+
+
+class PackedPolygons:
+    """The polygons of N objects as a ``(N, polygons, vertices, 2)`` tensor of x, y.
+
+    A polygon shorter than the longest is padded with its first vertex (zero-length edges), an
+    object with fewer polygons with all-zero ones: padding never crosses a scanline. Indexing
+    and ``to`` work like detectron2's mask structures, so ``Instances`` can hold it.
+    """
+
+    def __init__(self, vertices: torch.Tensor):
+        self.vertices = vertices
+
+    @classmethod
+    def from_polygon_masks(cls, masks: PolygonMasks, device) -> PackedPolygons:
+        objects = masks.polygons
+        num_polygons = max((len(polygons) for polygons in objects), default=1)
+        num_vertices = max((len(polygon) // 2 for polygons in objects for polygon in polygons), default=1)
+        packed = np.zeros((len(objects), num_polygons, num_vertices, 2), dtype=np.float32)
+        for i, polygons in enumerate(objects):
+            for j, polygon in enumerate(polygons):
+                xy = polygon.reshape(-1, 2)
+                packed[i, j] = xy[0]
+                packed[i, j, :len(xy)] = xy
+        vertices = torch.from_numpy(packed)
+        if torch.device(device).type == "cuda":
+            vertices = vertices.pin_memory()  # so that the copy need not wait for the GPU
+        return cls(vertices.to(device, non_blocking=True))
+
+    def __len__(self) -> int:
+        return self.vertices.shape[0]
+
+    def __getitem__(self, item) -> PackedPolygons:
+        if isinstance(item, int):
+            item = slice(item, item + 1)
+        return PackedPolygons(self.vertices[item])
+
+    def to(self, *args, **kwargs) -> PackedPolygons:
+        return PackedPolygons(self.vertices.to(*args, **kwargs))
+
+    @property
+    def device(self) -> torch.device:
+        return self.vertices.device
+
+    def crop_and_resize(self, boxes: torch.Tensor, mask_size: int) -> torch.Tensor:
+        """Object i rasterized within boxes[i] at mask_size x mask_size: a bool (N, mask_size, mask_size)
+        tensor, as ``PolygonMasks.crop_and_resize``, on this structure's device."""
+        assert len(boxes) == len(self), f"{len(boxes)} != {len(self)}"
+        boxes = boxes.to(self.vertices.device)
+        # Box coordinates, scaled so that the box spans [0, mask_size] (sizes clamped as detectron2's).
+        scale = mask_size / (boxes[:, 2:] - boxes[:, :2]).clamp(min=0.1)
+        start = (self.vertices - boxes[:, None, None, :2]) * scale[:, None, None, :]
+        start = torch.floor(start * 5 + 0.5) / 5  # pycocotools' rounding (it rasterizes at 5x)
+        end = start.roll(-1, dims=2)  # edge k runs from vertex k to vertex k + 1 (the last closes it)
+        # (object, row, polygon, edge): where each edge crosses each row's pixel centre line, if it does.
+        centres = torch.arange(mask_size, device=boxes.device, dtype=start.dtype) + 0.5
+        x0, y0, x1, y1 = (t[:, None] for t in (start[..., 0], start[..., 1], end[..., 0], end[..., 1]))
+        y = centres[:, None, None]
+        crosses = (y0 > y) != (y1 > y)
+        x = torch.where(crosses, x0 + (y - y0) * (x1 - x0) / (y1 - y0), torch.inf).sort(dim=-1).values
+        # A pixel centre is inside a polygon when an odd number of its crossings lie left of it.
+        left = torch.searchsorted(x, centres.expand(*x.shape[:-1], mask_size).contiguous())
+        return (left % 2 == 1).any(dim=2)
