@@ -4,6 +4,7 @@ Weights: a random torchvision ResNet-50 in MoCo's layout, converted by our conve
 weights still learn the demo's shapes: the VOC and COCO runs must reach clearly non-zero AP.
 """
 import json
+import math
 import pickle
 import shutil
 import time
@@ -177,6 +178,13 @@ def test_mask_rcnn_trains_with_the_sync_free_rpn_and_roi_heads(name, heads, moco
     assert record["status"] == "ok" and record["iterations"] == 5
     assert "SyncFreeRPN" in record["config"] and heads in record["config"]
     assert all(v is None or 0 <= v <= 100 for v in record["metrics"].values())
+    # The losses and the heads' statistics, read back once per step, are logged as detectron2 logs them.
+    log = (tmp_path / "train_log.json").read_text().splitlines()
+    last = [json.loads(line) for line in log if "total_loss" in line][-1]
+    assert last["iteration"] == 4 and math.isfinite(last["total_loss"]) and last["total_loss"] > 0
+    assert {"loss_mask", "fast_rcnn/cls_accuracy", "fast_rcnn/fg_cls_accuracy", "mask_rcnn/accuracy",
+            "mask_rcnn/false_negative", "roi_head/num_fg_samples", "data_time"} <= set(last)
+    assert 0 <= last["fast_rcnn/cls_accuracy"] <= 1 and 0 <= last["mask_rcnn/accuracy"] <= 1
 
 
 def test_two_cpu_processes_and_resume(moco_weights, demo_root, tmp_path):

@@ -16,7 +16,7 @@ def test_bench_times_the_tasks_training_step(tmp_path):
     assert row.ops_per_step > 1000 and 0 < row.readbacks_per_step < row.ops_per_step
     sync_free = finetune_bench.time_steps("coco_fpn_1x", weights, "fp32", "demo", batch=2, warmup=1, iters=1,
                                           datasets_root=demo.ensure(), heads="sync_free")
-    assert sync_free.heads == "sync_free" and sync_free.readbacks_per_step < row.readbacks_per_step / 2
+    assert sync_free.heads == "sync_free" and sync_free.readbacks_per_step < row.readbacks_per_step / 4
 
 
 def test_sync_free_heads_replace_detectron2s_rpn_and_our_roi_heads(moco_weights):

@@ -43,8 +43,9 @@ def test_targets_agree_with_pycocotools_more_closely_than_detectron2s_bitmask_ta
 
 def test_rectangles_on_the_pixel_grid_and_overlapping_polygons_rasterize_as_pycocotools_does():
     square = [0, 0, 28, 0, 28, 28, 0, 28]
-    objects = [[square], [[0, 0, 14, 0, 14, 28, 0, 28]], [[3, 3, 20, 3, 20, 20, 3, 20], [10, 10, 25, 10, 25, 25, 10, 25]],
-               [[0, 0, 14, 0, 14, 28, 0, 28], [7, 7, 21, 7, 21, 21, 7, 21]]]  # last two: unions of overlaps
+    objects = [[square], [[0, 0, 14, 0, 14, 28, 0, 28]],
+               [[3, 3, 20, 3, 20, 20, 3, 20], [10, 10, 25, 10, 25, 25, 10, 25]],  # this and the next: unions
+               [[0, 0, 14, 0, 14, 28, 0, 28], [7, 7, 21, 7, 21, 21, 7, 21]]]
     masks = PolygonMasks([[np.array(p, dtype=np.float64) for p in obj] for obj in objects])
     boxes = torch.tensor([[0, 0, 28, 28], [0, 0, 28, 28], [0, 0, 28, 28], [0, 0, 56, 56]], dtype=torch.float32)
     got = PackedPolygons.from_polygon_masks(masks, "cpu").crop_and_resize(boxes, 28)

@@ -2,8 +2,8 @@
 
 The step is the one a real run takes: the task's resolved config (``finetune.resolve_config``),
 our ``Trainer`` (detectron2's data loader, model, optimizer; AMPTrainer for ``amp``), timed over
-``iters`` steps after ``warmup``. Data time is the loader's share of the step, as detectron2's
-trainer measures it. Weights: given, or a random-init ResNet-50 converted on the fly (the issue's
+``iters`` steps after ``warmup`` (their mean). Data time is the loader's share of the step, as
+detectron2's trainer measures it. Weights: given, or a random-init ResNet-50 converted on the fly (the issue's
 "random init" protocol); the config's norms apply (``opts`` may override them, e.g. to BN).
 
 One more step runs under ``HostReadbacks``, which counts the operators it dispatches and those
@@ -187,25 +187,29 @@ def time_steps(task_name: str, weights, precision: str, schedule: str = "demo", 
         trainer.resume_or_load(resume=False)
         trainer.iter = trainer.start_iter = 0
         cuda = cfg.MODEL.DEVICE == "cuda"
-        step_times, data_times = [], []
+        data_times = []
         with EventStorage(0) as trainer.storage:
             for i in range(warmup + iters):
-                if cuda and i == warmup:
-                    torch.cuda.reset_peak_memory_stats()
+                if i == warmup:
+                    if cuda:
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                    start = time.perf_counter()
                 trainer.storage.iter = trainer.iter = i
-                start = time.perf_counter()
                 trainer.run_step()
-                if cuda:
-                    torch.cuda.synchronize()
                 if i >= warmup:
-                    step_times.append(time.perf_counter() - start)
                     data_times.append(trainer.storage.history("data_time").latest())
+            if cuda:
+                torch.cuda.synchronize()
+            # Timed as training runs, without waiting for the GPU between steps: a step's host
+            # work may overlap the GPU's work on the one before.
+            s_per_iter = (time.perf_counter() - start) / iters
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
             trainer.storage.iter = trainer.iter = warmup + iters
             with HostReadbacks() as counted:
                 trainer.run_step()
-    return StepTiming(task.name, precision, heads, cfg.SOLVER.IMS_PER_BATCH, statistics.median(step_times),
-                      statistics.median(data_times), peak, counted.ops, sum(counted.readbacks.values()))
+    return StepTiming(task.name, precision, heads, cfg.SOLVER.IMS_PER_BATCH, s_per_iter, statistics.median(data_times),
+                      peak, counted.ops, sum(counted.readbacks.values()))
 
 
 def markdown(rows: list[StepTiming]) -> str:

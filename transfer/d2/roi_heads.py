@@ -104,8 +104,9 @@ def mask_loss(logits: torch.Tensor, instances) -> torch.Tensor:
     targets = targets if targets.dtype == torch.bool else targets > 0.5
     wrong = (logits > 0) != targets
     positive = targets.sum()
+    negative = targets.numel() - positive
     step_scalars.put(**{"mask_rcnn/accuracy": 1 - wrong.float().mean(),
-                        "mask_rcnn/false_positive": (wrong & ~targets).sum() / (targets.numel() - positive).clamp(min=1),
+                        "mask_rcnn/false_positive": (wrong & ~targets).sum() / negative.clamp(min=1),
                         "mask_rcnn/false_negative": (wrong & targets).sum() / positive.clamp(min=1)})
     return F.binary_cross_entropy_with_logits(logits, targets.float())
 
