@@ -3,8 +3,9 @@
 The step is the one a real run takes: the task's resolved config (``finetune.resolve_config``),
 our ``Trainer`` (detectron2's data loader, model, optimizer; AMPTrainer for ``amp``), timed over
 ``iters`` steps after ``warmup`` (their mean). Data time is the loader's share of the step, as
-detectron2's trainer measures it. Weights: given, or a random-init ResNet-50 converted on the fly (the issue's
-"random init" protocol); the config's norms apply (``opts`` may override them, e.g. to BN).
+detectron2's trainer measures it. Weights: given, or a random-init ResNet-50 converted on the fly
+(the issue's "random init" protocol); the config's norms apply (``opts`` may override them, e.g.
+to BN).
 
 One more step runs under ``HostReadbacks``, which counts the operators it dispatches and those
 that make the host wait for a GPU. A detection step is bound by the host rather than by the GPU

@@ -46,5 +46,6 @@ def _cpu_worker(local_rank, main_func, num_processes, num_machines, machine_rank
     comm.synchronize()
     try:
         main_func(*args)
+        comm.synchronize()  # leave together: tearing gloo down while a peer still uses it can abort
     finally:
         dist.destroy_process_group()

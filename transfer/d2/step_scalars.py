@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from transfer import d2compat  # noqa: F401  (before any detectron2 import)
+
 import torch
 from detectron2.utils.events import get_event_storage
 
