@@ -161,12 +161,13 @@ class SyncFreeSampling:
             sampled._num_foreground = fg  # they come first (an attribute, not a per-proposal field)
             sampled.gt_classes = classes[i][keep]
             if len(targets_i) > 0:  # as detectron2: images without objects get no gt_* fields
+                matched = matches[i][keep]
                 for name, value in targets_i.get_fields().items():
                     if not name.startswith("gt_") or sampled.has(name):
                         continue
                     if isinstance(value, PolygonMasks):  # rasterized on the device: mask_targets.py
                         value = PackedPolygons.from_polygon_masks(value, keep.device)
-                    sampled.set(name, value[matches[i][keep]])
+                    sampled.set(name, value[matched])
             sampled_proposals.append(sampled)
 
         storage = get_event_storage()
