@@ -58,3 +58,11 @@ def test_synthetic_coco_has_cocos_load(tmp_path):
     assert min(counts) >= 3 and sum(counts) / len(counts) >= 5
     assert all(a["segmentation"] and a["bbox"][2] > 0 for r in records for a in r["annotations"])
     assert finetune_bench.synthetic_coco(tmp_path, num_images=6) == root  # written once
+
+
+def test_mask_target_bench_times_both_rasterizers_on_the_same_proposals(tmp_path):
+    root = finetune_bench.synthetic_coco(tmp_path, num_images=2)
+    rows = finetune_bench.time_mask_targets(root, "cpu", images=2, rois_per_image=8, repeats=1)
+    assert [(r.rasterizer, r.rois) for r in rows] == [("detectron2", 16), ("packed_polygons", 16)]
+    assert all(r.ms_per_batch > 0 for r in rows)
+    assert rows[1].readbacks == 0  # ours (detectron2's reads the matched indices back: a copy, uncounted on a CPU)

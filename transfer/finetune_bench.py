@@ -223,3 +223,64 @@ def markdown(rows: list[StepTiming]) -> str:
                      f"| {r.data_s_per_iter:.3f} | {r.images_per_s:.1f} | {peak} | {r.ops_per_step} "
                      f"| {r.readbacks_per_step} |")
     return "\n".join(lines)
+
+
+@dataclass
+class MaskTargetTiming:
+    rasterizer: str
+    device: str
+    rois: int
+    ms_per_batch: float
+    readbacks: int  # per batch
+
+
+def time_mask_targets(root, device: str = "cpu", images: int = 16, rois_per_image: int = 128, mask_size: int = 28,
+                      repeats: int = 5, seed: int = 0) -> list[MaskTargetTiming]:
+    """A batch's Mask R-CNN polygon mask targets: detectron2's (``PolygonMasks``: pycocotools per proposal
+    on the host, then a copy) against ours (``PackedPolygons`` on ``device``), each including the
+    indexing by matched object that the ROI heads do. Objects: the first ``images`` images of the
+    ``synthetic_coco`` data under ``root``; proposals: their boxes, jittered, ``rois_per_image`` each.
+    """
+    import json
+
+    import numpy as np
+    from detectron2.structures import PolygonMasks
+
+    from transfer.d2.mask_targets import PackedPolygons
+
+    data = json.loads((Path(root) / "coco" / "annotations" / "instances_train2017.json").read_text())
+    rng = np.random.default_rng(seed)
+    batch = []
+    for image in data["images"][:images]:
+        objects = [a for a in data["annotations"] if a["image_id"] == image["id"]]
+        masks = PolygonMasks([[np.asarray(p, dtype=np.float64) for p in a["segmentation"]] for a in objects])
+        x, y, w, h = np.array([a["bbox"] for a in objects], dtype=np.float32).T
+        matched = rng.integers(0, len(objects), rois_per_image)
+        jitter = rng.normal(0, 0.1, (rois_per_image, 4)) * np.stack([w, h, w, h], 1)[matched]
+        boxes = np.stack([x, y, x + w, y + h], 1)[matched] + jitter
+        boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 1)
+        batch.append((masks, torch.as_tensor(matched, device=device), torch.as_tensor(boxes, device=device)))
+
+    def detectron2s():
+        return [masks[matched.tolist()].crop_and_resize(boxes, mask_size) for masks, matched, boxes in batch]
+
+    def ours():
+        return [PackedPolygons.from_polygon_masks(masks, device)[matched].crop_and_resize(boxes, mask_size)
+                for masks, matched, boxes in batch]
+
+    rows = []
+    for name, targets in (("detectron2", detectron2s), ("packed_polygons", ours)):
+        times = []
+        for _ in range(repeats + 1):  # the first is a warm-up
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            targets()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        with HostReadbacks() as counted:
+            targets()
+        rows.append(MaskTargetTiming(name, device, images * rois_per_image, 1000 * statistics.median(times[1:]),
+                                     sum(counted.readbacks.values())))
+    return rows
