@@ -7,6 +7,7 @@ import json
 import math
 import pickle
 import shutil
+import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -173,9 +174,11 @@ def test_custom_dataset_trains_and_evaluates(make, moco_weights, demo_root, tmp_
                                          ("coco_c4_1x", "SyncFreeRes5ROIHeadsExtraNorm")])
 def test_mask_rcnn_trains_with_the_sync_free_rpn_and_roi_heads(name, heads, moco_weights, demo_root, tmp_path):
     opts = ["MODEL.PROPOSAL_GENERATOR.NAME", "SyncFreeRPN", "MODEL.ROI_HEADS.NAME", heads,
-            "SOLVER.MAX_ITER", "5", "SOLVER.STEPS", "(4,)", "TEST.PRECISE_BN.ENABLED", "False"]
+            "SOLVER.MAX_ITER", "5", "SOLVER.STEPS", "(4,)", "TEST.PRECISE_BN.ENABLED", "False",
+            "DATALOADER.NUM_WORKERS", "2"]  # with workers, batches are drawn ahead in a thread (prefetch.py)
     record = ft.finetune(name, moco_weights, "demo", 0, tmp_path, demo_root, opts=opts)
     assert record["status"] == "ok" and record["iterations"] == 5
+    assert not [t for t in threading.enumerate() if t.name == "prefetch"]  # stopped at the last iteration
     assert "SyncFreeRPN" in record["config"] and heads in record["config"]
     assert all(v is None or 0 <= v <= 100 for v in record["metrics"].values())
     # The losses and the heads' statistics, read back once per step, are logged as detectron2 logs them.

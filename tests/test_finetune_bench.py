@@ -1,6 +1,9 @@
 """tools/bench_finetune.py measures the real training step of a task (no timing assertions)."""
+import pytest
+
 from transfer import finetune_bench
 from transfer.datasets import demo
+from transfer.errors import UserError
 
 
 def test_bench_times_the_tasks_training_step(tmp_path):
@@ -17,6 +20,11 @@ def test_bench_times_the_tasks_training_step(tmp_path):
     sync_free = finetune_bench.time_steps("coco_fpn_1x", weights, "fp32", "demo", batch=2, warmup=1, iters=1,
                                           datasets_root=demo.ensure(), heads="sync_free")
     assert sync_free.heads == "sync_free" and sync_free.readbacks_per_step < row.readbacks_per_step / 4
+    # The trainer's data ends at the schedule's last iteration: the bench's steps must come before it.
+    with pytest.raises(UserError, match="5 warm-up \\+ 55 timed steps \\+ 1 counted do not fit in coco_fpn_1x's demo "
+                                        "schedule \\(60 iterations\\)"):
+        finetune_bench.time_steps("coco_fpn_1x", weights, "fp32", "demo", warmup=5, iters=55,
+                                  datasets_root=demo.ensure())
 
 
 def test_sync_free_heads_replace_detectron2s_rpn_and_our_roi_heads(moco_weights):

@@ -184,6 +184,9 @@ def time_steps(task_name: str, weights, precision: str, schedule: str = "demo", 
     extra = list(opts) + (["SOLVER.IMS_PER_BATCH", batch] if batch else [])
     with tempfile.TemporaryDirectory() as out:
         cfg = resolve_config(task, weights, schedule, output_dir=out, opts=extra, amp=precision == "amp")
+        if warmup + iters + 1 > cfg.SOLVER.MAX_ITER:  # the data (and the schedule) end with the last iteration
+            raise UserError(f"{warmup} warm-up + {iters} timed steps + 1 counted do not fit in {task.name}'s "
+                            f"{schedule} schedule ({cfg.SOLVER.MAX_ITER} iterations)")
         trainer = Trainer(with_heads(cfg, heads))
         trainer.resume_or_load(resume=False)
         trainer.iter = trainer.start_iter = 0

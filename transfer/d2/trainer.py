@@ -5,7 +5,9 @@
   what usually causes it, instead of a bare FloatingPointError;
 - detectron2's training log goes to ``train_log.json``: ``metrics.json`` in a run folder is ours;
 - the losses and the heads' statistics are read back from the GPU once per step, after the
-  optimizer's update is queued, rather than one ``.item()`` at a time (step_scalars.py).
+  optimizer's update is queued, rather than one ``.item()`` at a time (step_scalars.py);
+- training batches are loaded in a background thread and reach the GPU without blocking copies
+  (prefetch.py).
 
 Kept from DefaultTrainer: precise BN (``TEST.PRECISE_BN``, run before the final evaluation), AMP
 (``SOLVER.AMP.ENABLED`` selects detectron2's AMPTrainer), checkpoints and resume, DDP.
@@ -23,7 +25,7 @@ from detectron2.engine import DefaultTrainer
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter, get_event_storage
 
-from transfer.d2 import evaluation, step_scalars
+from transfer.d2 import evaluation, prefetch, step_scalars
 from transfer.d2 import semseg  # also registers FCNHead
 
 
@@ -66,8 +68,9 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         # The training data path: detectron2's mapper (decode, resize, flip) and its
-        # aspect-ratio-grouped loader. A faster pipeline plugs in here.
-        return build_detection_train_loader(cfg, mapper=_mapper(cfg, is_train=True))
+        # aspect-ratio-grouped loader, drawn ahead in a thread if its workers do the mapping.
+        loader = build_detection_train_loader(cfg, mapper=_mapper(cfg, is_train=True))
+        return prefetch.Prefetcher(loader, cfg.MODEL.DEVICE, depth=2 if cfg.DATALOADER.NUM_WORKERS else 0)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -94,6 +97,9 @@ class Trainer(DefaultTrainer):
             values = step_scalars.read_back({**scalars, **{f"loss/{k}": v for k, v in loss_dict.items()}})
             _log_losses({name: values[f"loss/{name}"] for name in loss_dict}, data_time)
             self.storage.put_scalars(**{name: values[name] for name in scalars})
+            if self.iter == self.max_iter - 1:
+                # Stop drawing batches ahead before precise BN and the evaluation start loaders of their own.
+                self._trainer._data_loader_iter.close()
         except FloatingPointError as e:
             # detectron2 checks the (all-reduced) loss every iteration on the main process.
             raise TrainingDiverged(
