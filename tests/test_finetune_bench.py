@@ -51,6 +51,12 @@ def test_the_readback_counter_sees_what_waits_for_a_gpu():
         (x * 2).exp()
     assert counted.readbacks == {"aten::_local_scalar_dense": 1, "aten::index": 1, "aten::nonzero": 1}
     assert counted.ops >= 7
+    # With the model on a GPU, the same operators on host tensors wait for nothing.
+    with finetune_bench.HostReadbacks("cuda") as on_the_host:
+        x.sum().item()
+        x[x > 2]
+        torch.nonzero(x)
+    assert not on_the_host.readbacks and on_the_host.ops >= 5
 
 
 def test_synthetic_coco_has_cocos_load(tmp_path):

@@ -110,10 +110,10 @@ def test_to_device_moves_every_tensor_and_keeps_the_structures():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="copies to a GPU")
 def test_copies_to_the_gpu_without_waiting():
     inputs = batch(1)
-    with HostReadbacks() as detectron2s:  # what GeneralizedRCNN does with a batch: 5 blocking copies per image
+    with HostReadbacks("cuda") as detectron2s:  # what GeneralizedRCNN does with a batch: 5 blocking copies per image
         for x in inputs:
             x["image"].to("cuda"), x["instances"].to("cuda")
-    with HostReadbacks() as counted:
+    with HostReadbacks("cuda") as counted:
         moved = to_device(inputs, torch.device("cuda"))
     assert sum(detectron2s.readbacks.values()) == 5 * len(inputs) and not counted.readbacks
     torch.testing.assert_close(moved[1]["instances"].gt_boxes.tensor.cpu(), inputs[1]["instances"].gt_boxes.tensor)

@@ -26,6 +26,7 @@ from transfer import d2compat  # noqa: F401  (before any detectron2 import)
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from transfer.errors import UserError
 from transfer.finetune import resolve_config
@@ -65,8 +66,10 @@ class HostReadbacks(TorchDispatchMode):
     host until the GPU has run everything queued before it, so the host cannot queue work ahead of
     the GPU. So does a copy to the GPU that is not ``non_blocking`` (PyTorch synchronizes the
     stream after it), e.g. ``torch.tensor(values, device="cuda")``. ``readbacks``: operator name ->
-    count. On a CPU, the same code counts the same, but for copies between host and GPU
-    (``.cpu()``, ``.tolist()``, ``.to("cuda")``), which do not exist there.
+    count. ``device``: where the model runs. On a GPU, operators on host tensors only (e.g. a
+    ``nonzero`` in the data mapper) wait for nothing and are not counted. On a CPU every tensor is a
+    host tensor: everything is counted as if the model's tensors were on a GPU, but for copies
+    between host and GPU (``.cpu()``, ``.tolist()``, ``.to("cuda")``), which do not exist there.
     """
 
     READBACK = {"aten::_local_scalar_dense", "aten::nonzero", "aten::nonzero_numpy", "aten::_unique2",
@@ -74,8 +77,9 @@ class HostReadbacks(TorchDispatchMode):
                 "aten::repeat_interleave", "torchvision::nms"}
     MASK_INDEXING = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
 
-    def __init__(self):
+    def __init__(self, device="cpu"):
         super().__init__()
+        self.gpu = torch.device(device).type != "cpu"
         self.ops = 0
         self.readbacks = Counter()
 
@@ -87,17 +91,19 @@ class HostReadbacks(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def _reads_back(self, name: str, args, kwargs) -> bool:
-        if name in self.READBACK:
-            return True
-        if name in self.MASK_INDEXING:  # x[mask]: the result's size is the mask's count
-            return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
         if name == "aten::_to_copy":
             source, target = args[0].device, torch.device(kwargs.get("device") or args[0].device)
             return self._waits(source, target, kwargs.get("non_blocking", False))
         if name == "aten::copy_":
             non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
             return self._waits(args[1].device, args[0].device, non_blocking)
-        return False
+        if name not in self.READBACK and name not in self.MASK_INDEXING:
+            return False
+        if self.gpu and not any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in tree_leaves(args)):
+            return False  # host tensors only: nothing to wait for
+        if name in self.MASK_INDEXING:  # x[mask]: the result's size is the mask's count
+            return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+        return True
 
     @staticmethod
     def _waits(source: torch.device, target: torch.device, non_blocking: bool) -> bool:
@@ -210,7 +216,7 @@ def time_steps(task_name: str, weights, precision: str, schedule: str = "demo", 
             s_per_iter = (time.perf_counter() - start) / iters
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
             trainer.storage.iter = trainer.iter = warmup + iters
-            with HostReadbacks() as counted:
+            with HostReadbacks(cfg.MODEL.DEVICE) as counted:
                 trainer.run_step()
     return StepTiming(task.name, precision, heads, cfg.SOLVER.IMS_PER_BATCH, s_per_iter, statistics.median(data_times),
                       peak, counted.ops, sum(counted.readbacks.values()))
@@ -282,7 +288,7 @@ def time_mask_targets(root, device: str = "cpu", images: int = 16, rois_per_imag
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        with HostReadbacks() as counted:
+        with HostReadbacks(device) as counted:
             targets()
         rows.append(MaskTargetTiming(name, device, images * rois_per_image, 1000 * statistics.median(times[1:]),
                                      sum(counted.readbacks.values())))
