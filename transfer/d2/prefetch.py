@@ -12,7 +12,7 @@ training thread waits for the GPU: PyTorch releases the GIL there), and on a GPU
 copies them with ``non_blocking=True``. The model's own ``.to(device)`` calls then find everything
 in place and do nothing. Polygon masks stay on the host, as detectron2 keeps them.
 
-Prefetching changes no result: a loader with worker processes draws its augmentations from theirs
+Prefetching changes no result: a loader with worker processes draws its augmentations from their own
 random state. A loader without workers (``DATALOADER.NUM_WORKERS 0``) maps its data in the training
 process, with the global random state that the training thread uses too: use ``depth`` 0 there
 (no thread, batches drawn when asked for).
