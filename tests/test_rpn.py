@@ -39,6 +39,34 @@ def test_match_equals_detectron2s_matcher(matcher):
         assert torch.equal(matches[positive], expected_matches[positive])
 
 
+@pytest.mark.parametrize("matcher", [
+    Matcher([0.3, 0.7], [0, -1, 1], allow_low_quality_matches=True),
+    Matcher([0.5], [0, 1], allow_low_quality_matches=False),
+])
+def test_batched_iou_and_match_equal_detectron2s_per_image(matcher):
+    """A batch padded to its most objects (rows of -1): the same IoU, labels and matches as detectron2's
+    pairwise_iou and Matcher image by image, an image without objects included."""
+    generator = torch.Generator().manual_seed(1)
+    counts = (3, 0, 20, 1)
+    gt = [random_boxes(n, generator=generator) for n in counts]
+    boxes = torch.stack([random_boxes(400, generator=generator) for _ in counts])
+    padded = torch.zeros(len(counts), max(counts), 4)
+    for i, g in enumerate(gt):
+        padded[i, :len(g)] = g
+    quality = rpn.batched_iou(padded, boxes)
+    for i, n in enumerate(counts):
+        quality[i, n:] = -1.0
+    matches, labels = rpn.match(matcher, quality)
+    for i, g in enumerate(gt):
+        expected = pairwise_iou(Boxes(g), Boxes(boxes[i]))
+        assert torch.equal(quality[i, :len(g)], expected)
+        expected_matches, expected_labels = matcher(expected)
+        assert torch.equal(labels[i], expected_labels)
+        positive = labels[i] == 1
+        assert torch.equal(matches[i][positive], expected_matches[positive])
+        assert bool((matches[i] < max(len(g), 1)).all())  # never a padding row
+
+
 def test_sampling_keeps_detectron2s_counts_and_draws_uniformly():
     torch.manual_seed(0)
     candidates = torch.zeros(3, 1000, dtype=torch.bool)

@@ -34,7 +34,8 @@ class SyncFreeROIPooler(ROIPooler):
         rois = torch.cat([image[:, None], boxes], dim=1)
         if len(self.level_poolers) == 1:
             return self.level_poolers[0](x[0], rois)
-        levels = assign_boxes_to_levels(box_lists, self.min_level, self.max_level, self.canonical_box_size,
+        # (all images' boxes at once: the same levels with one area computation, not one per image)
+        levels = assign_boxes_to_levels([Boxes(boxes)], self.min_level, self.max_level, self.canonical_box_size,
                                         self.canonical_level)
         order = torch.argsort(levels, stable=True)
         counts = torch.zeros(len(self.level_poolers), dtype=torch.int64, device=levels.device)

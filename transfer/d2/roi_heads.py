@@ -22,7 +22,7 @@ from detectron2.layers import ShapeSpec, cat, cross_entropy, get_norm
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.proposal_generator.proposal_utils import add_ground_truth_to_proposals
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, FastRCNNOutputLayers, Res5ROIHeads, StandardROIHeads
-from detectron2.structures import PolygonMasks, pairwise_iou
+from detectron2.structures import PolygonMasks
 from detectron2.utils.events import get_event_storage
 from fvcore.nn import smooth_l1_loss
 from torch.nn.utils.rnn import pad_sequence
@@ -30,7 +30,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transfer.d2 import step_scalars
 from transfer.d2.mask_targets import PackedPolygons
 from transfer.d2.pooler import SyncFreeROIPooler
-from transfer.d2.rpn import anchor_deltas, candidates_first, match, sample_sizes
+from transfer.d2.rpn import anchor_deltas, batched_iou, candidates_first, match, sample_sizes
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -129,22 +129,9 @@ class SyncFreeSampling:
     def label_and_sample_proposals(self, proposals, targets):
         if self.proposal_append_gt:
             proposals = add_ground_truth_to_proposals(targets, proposals)
-        # Each proposal's class (num_classes: background, -1: ignored) and matched gt box, per image.
-        classes, matches = [], []
-        for proposals_i, targets_i in zip(proposals, targets):
-            if len(targets_i) == 0:
-                matches_i = torch.zeros(len(proposals_i), dtype=torch.int64, device=proposals_i.proposal_boxes.device)
-                classes_i = torch.full_like(matches_i, self.num_classes)
-            else:
-                matches_i, labels_i = match(self.proposal_matcher,
-                                            pairwise_iou(targets_i.gt_boxes, proposals_i.proposal_boxes))
-                classes_i = torch.where(labels_i == 0, self.num_classes, targets_i.gt_classes[matches_i])
-                classes_i = torch.where(labels_i == -1, -1, classes_i)
-            classes.append(classes_i)
-            matches.append(matches_i)
+        classes, matches = self._label(proposals, targets)
         # subsample_labels for all images at once (padding is neither foreground nor background).
-        padded = pad_sequence(classes, batch_first=True, padding_value=-1)
-        foreground, background = (padded != -1) & (padded != self.num_classes), padded == self.num_classes
+        foreground, background = (classes != -1) & (classes != self.num_classes), classes == self.num_classes
         num_foreground, num_background, most_foreground = sample_sizes(
             foreground, background, self.batch_size_per_image, self.positive_fraction)
         order = torch.cat([candidates_first(foreground, most_foreground),
@@ -153,7 +140,7 @@ class SyncFreeSampling:
         host = torch.stack([num_foreground, num_background], dim=1).tolist()
 
         sampled_proposals = []
-        first_background = min(most_foreground, padded.shape[1])  # where the background columns start
+        first_background = min(most_foreground, classes.shape[1])  # where the background columns start
         for i, (proposals_i, targets_i) in enumerate(zip(proposals, targets)):
             fg, bg = host[i]
             keep = torch.cat([order[i, :fg], order[i, first_background:first_background + bg]])
@@ -174,6 +161,25 @@ class SyncFreeSampling:
         storage.put_scalar("roi_head/num_fg_samples", sum(row[0] for row in host) / len(host))
         storage.put_scalar("roi_head/num_bg_samples", sum(row[1] for row in host) / len(host))
         return sampled_proposals
+
+    def _label(self, proposals, targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each proposal's class (num_classes: background, -1: ignored or padding) and matched object,
+        for all images at once, each (images, most proposals): one IoU matrix and match for the batch."""
+        boxes = pad_sequence([p.proposal_boxes.tensor for p in proposals], batch_first=True)
+        gt_boxes = boxes.new_zeros(len(targets), max(max(len(t) for t in targets), 1), 4)
+        gt_classes = torch.zeros(gt_boxes.shape[:2], dtype=torch.int64, device=boxes.device)
+        for i, t in enumerate(targets):
+            gt_boxes[i, :len(t)] = t.gt_boxes.tensor
+            gt_classes[i, :len(t)] = t.gt_classes
+        iou = batched_iou(gt_boxes, boxes)
+        for i, t in enumerate(targets):
+            iou[i, len(t):] = -1.0  # padding objects: never matched
+        matches, labels = match(self.proposal_matcher, iou)
+        classes = torch.where(labels == 0, self.num_classes, gt_classes.gather(1, matches))
+        classes = torch.where(labels == -1, -1, classes)
+        for i, p in enumerate(proposals):
+            classes[i, len(p):] = -1  # padding proposals: never sampled
+        return classes, matches
 
 
 @ROI_HEADS_REGISTRY.register()

@@ -38,16 +38,28 @@ from fvcore.nn import smooth_l1_loss
 
 
 def match(matcher: Matcher, quality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``matcher(quality)`` for a (#gt, #anchors) matrix with at least one row, without read-backs."""
-    matched_vals, matches = quality.max(dim=0)
+    """``matcher(quality)`` without read-backs, for a (#gt, #anchors) IoU matrix with at least one
+    row, or for a batch of them, (N, #gt, #anchors). Rows of -1 (padding) are never matched: an
+    image with only those gets detectron2's convention for an image without objects (background)."""
+    matched_vals, matches = quality.max(dim=-2)
     labels = torch.ones_like(matches, dtype=torch.int8)
     for label, low, high in zip(matcher.labels, matcher.thresholds[:-1], matcher.thresholds[1:]):
         labels = torch.where((matched_vals >= low) & (matched_vals < high), label, labels)
     if matcher.allow_low_quality_matches:
         # Every anchor that ties for the best match of some gt box becomes positive.
-        best = (quality == quality.max(dim=1, keepdim=True).values).any(dim=0)
-        labels = torch.where(best, 1, labels)
+        best = (quality == quality.max(dim=-1, keepdim=True).values) & (quality >= 0)
+        labels = torch.where(best.any(dim=-2), 1, labels)
     return matches, labels
+
+
+def batched_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """detectron2's ``pairwise_iou`` (same arithmetic) for N images at once: (N, G, 4), (N, P, 4) -> (N, G, P)."""
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
+    width_height = (torch.min(boxes1[:, :, None, 2:], boxes2[:, None, :, 2:])
+                    - torch.max(boxes1[:, :, None, :2], boxes2[:, None, :, :2])).clamp(min=0)
+    inter = width_height.prod(dim=3)
+    return torch.where(inter > 0, inter / (area1[:, :, None] + area2[:, None, :] - inter), 0.0)
 
 
 def sample_sizes(positive: torch.Tensor, negative: torch.Tensor, batch_size: int, positive_fraction: float):
