@@ -67,3 +67,25 @@ def test_packed_polygons_index_and_move_like_detectron2s_masks_and_read_nothing_
     assert len(instances[1]) == 1 and len(instances[torch.tensor([True, False, True, False, False])]) == 2
     empty = instances[torch.zeros(0, dtype=torch.int64)]
     assert empty.gt_masks.crop_and_resize(empty.gt_boxes.tensor, 28).shape == (0, 28, 28)
+
+
+def test_a_batch_rasterizes_in_one_pass_as_its_images_do_one_by_one(monkeypatch):
+    from transfer.d2 import mask_targets
+
+    # Two images whose objects have different numbers of polygons and vertices (padded differently).
+    images = [objects_and_proposals(seed=1, count=7), objects_and_proposals(seed=2, count=5)]
+    images[1][0].polygons[0] = images[1][0].polygons[0][:1]  # one polygon in the second image's first object
+    packed = [PackedPolygons.from_polygon_masks(masks, "cpu") for masks, _ in images]
+    assert packed[0].vertices.shape[1:] != packed[1].vertices.shape[1:]
+    one_by_one = torch.cat([p.crop_and_resize(boxes, 28) for p, (_, boxes) in zip(packed, images)])
+    boxes = [boxes for _, boxes in images]
+    with HostReadbacks() as counted:
+        together = mask_targets.mask_targets(packed, boxes, 28)
+    assert not counted.readbacks and torch.equal(together, one_by_one)
+    # In passes of a few objects each, when the tensors would exceed the memory bound.
+    monkeypatch.setattr(mask_targets, "CHUNK_ELEMENTS", 28 * 3 * 40 * 2)
+    assert torch.equal(mask_targets.mask_targets(packed, boxes, 28), one_by_one)
+    # Other mask structures: per image, as detectron2 does.
+    polygons = [masks for masks, _ in images]
+    expected = torch.cat([m.crop_and_resize(b, 28) for m, b in zip(polygons, boxes)])
+    assert torch.equal(mask_targets.mask_targets(polygons, boxes, 28), expected)

@@ -19,7 +19,25 @@ from transfer import d2compat  # noqa: F401  (before any detectron2 import)
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from detectron2.layers import cat
 from detectron2.structures import PolygonMasks
+
+# Objects rasterized per pass: at most this many elements in the (object, row, polygon, edge) tensors,
+# ~25 bytes each at their peak (so ~0.4 GB).
+CHUNK_ELEMENTS = 2 ** 24
+
+
+def mask_targets(masks: list, boxes: list[torch.Tensor], mask_size: int) -> torch.Tensor:
+    """The (N, mask_size, mask_size) targets of every image's ``masks`` within its ``boxes``, concatenated.
+
+    ``PackedPolygons`` of all images are rasterized together (a few operators per batch instead of
+    per image); other mask structures per image, as detectron2 does (BitMasks of a whole batch would
+    take gigabytes).
+    """
+    if all(isinstance(m, PackedPolygons) for m in masks):
+        return PackedPolygons.cat(masks).crop_and_resize(cat(boxes), mask_size)
+    return cat([m.crop_and_resize(b, mask_size).to(b.device) for m, b in zip(masks, boxes)])
 
 
 class PackedPolygons:
@@ -49,6 +67,19 @@ class PackedPolygons:
             vertices = vertices.pin_memory()  # so that the copy need not wait for the GPU
         return cls(vertices.to(device, non_blocking=True))
 
+    @staticmethod
+    def cat(packed: list[PackedPolygons]) -> PackedPolygons:
+        """The objects of several PackedPolygons in one, padded to the most polygons and vertices."""
+        polygons = max(p.vertices.shape[1] for p in packed)
+        vertices = max(p.vertices.shape[2] for p in packed)
+
+        def padded(v: torch.Tensor) -> torch.Tensor:
+            if v.shape[2] < vertices:  # repeating the last vertex adds zero-length edges only
+                v = F.pad(v, (0, 0, 0, vertices - v.shape[2]), mode="replicate")
+            return F.pad(v, (0, 0, 0, 0, 0, polygons - v.shape[1]))  # all-zero polygons
+
+        return PackedPolygons(torch.cat([padded(p.vertices) for p in packed]))
+
     def __len__(self) -> int:
         return self.vertices.shape[0]
 
@@ -69,17 +100,24 @@ class PackedPolygons:
         tensor, as ``PolygonMasks.crop_and_resize``, on this structure's device."""
         assert len(boxes) == len(self), f"{len(boxes)} != {len(self)}"
         boxes = boxes.to(self.vertices.device)
-        # Box coordinates, scaled so that the box spans [0, mask_size] (sizes clamped as detectron2's).
-        scale = mask_size / (boxes[:, 2:] - boxes[:, :2]).clamp(min=0.1)
-        start = (self.vertices - boxes[:, None, None, :2]) * scale[:, None, None, :]
-        start = torch.floor(start * 5 + 0.5) / 5  # pycocotools' rounding (it rasterizes at 5x)
-        end = start.roll(-1, dims=2)  # edge k runs from vertex k to vertex k + 1 (the last closes it)
-        # (object, row, polygon, edge): where each edge crosses each row's pixel centre line, if it does.
-        centres = torch.arange(mask_size, device=boxes.device, dtype=start.dtype) + 0.5
-        x0, y0, x1, y1 = (t[:, None] for t in (start[..., 0], start[..., 1], end[..., 0], end[..., 1]))
-        y = centres[:, None, None]
-        crosses = (y0 > y) != (y1 > y)
-        x = torch.where(crosses, x0 + (y - y0) * (x1 - x0) / (y1 - y0), torch.inf).sort(dim=-1).values
-        # A pixel centre is inside a polygon when an odd number of its crossings lie left of it.
-        left = torch.searchsorted(x, centres.expand(*x.shape[:-1], mask_size).contiguous())
-        return (left % 2 == 1).any(dim=2)
+        _, polygons, vertices, _ = self.vertices.shape
+        step = max(1, CHUNK_ELEMENTS // (mask_size * polygons * vertices))
+        return torch.cat([rasterize(v, b, mask_size) for v, b in zip(self.vertices.split(step), boxes.split(step))])
+
+
+def rasterize(vertices: torch.Tensor, boxes: torch.Tensor, mask_size: int) -> torch.Tensor:
+    """``PackedPolygons.crop_and_resize`` of the objects ``vertices`` (N, polygons, vertices, 2) in one pass."""
+    # Box coordinates, scaled so that the box spans [0, mask_size] (sizes clamped as detectron2's).
+    scale = mask_size / (boxes[:, 2:] - boxes[:, :2]).clamp(min=0.1)
+    start = (vertices - boxes[:, None, None, :2]) * scale[:, None, None, :]
+    start = torch.floor(start * 5 + 0.5) / 5  # pycocotools' rounding (it rasterizes at 5x)
+    end = start.roll(-1, dims=2)  # edge k runs from vertex k to vertex k + 1 (the last closes it)
+    # (object, row, polygon, edge): where each edge crosses each row's pixel centre line, if it does.
+    centres = torch.arange(mask_size, device=boxes.device, dtype=start.dtype) + 0.5
+    x0, y0, x1, y1 = (t[:, None] for t in (start[..., 0], start[..., 1], end[..., 0], end[..., 1]))
+    y = centres[:, None, None]
+    crosses = (y0 > y) != (y1 > y)
+    x = torch.where(crosses, x0 + (y - y0) * (x1 - x0) / (y1 - y0), torch.inf).sort(dim=-1).values
+    # A pixel centre is inside a polygon when an odd number of its crossings lie left of it.
+    left = torch.searchsorted(x, centres.expand(*x.shape[:-1], mask_size).contiguous())
+    return (left % 2 == 1).any(dim=2)

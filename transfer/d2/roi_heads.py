@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from transfer import d2compat  # noqa: F401  (before any detectron2 import)
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from detectron2.layers import ShapeSpec, cat, cross_entropy, get_norm
@@ -25,11 +26,11 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, FastRCNNOutputLaye
 from detectron2.structures import PolygonMasks
 from detectron2.utils.events import get_event_storage
 from fvcore.nn import smooth_l1_loss
-from torch.nn.utils.rnn import pad_sequence
 
 from transfer.d2 import step_scalars
-from transfer.d2.mask_targets import PackedPolygons
+from transfer.d2.mask_targets import PackedPolygons, mask_targets
 from transfer.d2.pooler import SyncFreeROIPooler
+from transfer.d2.prefetch import to_device
 from transfer.d2.rpn import anchor_deltas, batched_iou, candidates_first, match, sample_sizes
 
 
@@ -96,7 +97,7 @@ def mask_loss(logits: torch.Tensor, instances) -> torch.Tensor:
     instances = [x for x in instances if len(x)]
     if not instances:
         return logits.sum() * 0
-    targets = cat([x.gt_masks.crop_and_resize(x.proposal_boxes.tensor, size).to(logits.device) for x in instances])
+    targets = mask_targets([x.gt_masks for x in instances], [x.proposal_boxes.tensor for x in instances], size)
     if logits.shape[1] == 1:  # class-agnostic
         logits = logits[:, 0]
     else:
@@ -165,21 +166,28 @@ class SyncFreeSampling:
     def _label(self, proposals, targets) -> tuple[torch.Tensor, torch.Tensor]:
         """Each proposal's class (num_classes: background, -1: ignored or padding) and matched object,
         for all images at once, each (images, most proposals): one IoU matrix and match for the batch."""
-        boxes = pad_sequence([p.proposal_boxes.tensor for p in proposals], batch_first=True)
-        gt_boxes = boxes.new_zeros(len(targets), max(max(len(t) for t in targets), 1), 4)
-        gt_classes = torch.zeros(gt_boxes.shape[:2], dtype=torch.int64, device=boxes.device)
-        for i, t in enumerate(targets):
-            gt_boxes[i, :len(t)] = t.gt_boxes.tensor
-            gt_classes[i, :len(t)] = t.gt_classes
-        iou = batched_iou(gt_boxes, boxes)
-        for i, t in enumerate(targets):
-            iou[i, len(t):] = -1.0  # padding objects: never matched
+        boxes = stack_padded([p.proposal_boxes.tensor for p in proposals])
+        gt_boxes = stack_padded([t.gt_boxes.tensor for t in targets], min_length=1)
+        gt_classes = stack_padded([t.gt_classes for t in targets], min_length=1)
+        lengths = to_device(torch.tensor([[len(t), len(p)] for t, p in zip(targets, proposals)]), boxes.device)
+        real_objects = torch.arange(gt_boxes.shape[1], device=boxes.device) < lengths[:, :1]
+        real_proposals = torch.arange(boxes.shape[1], device=boxes.device) < lengths[:, 1:]
+        iou = torch.where(real_objects[:, :, None], batched_iou(gt_boxes, boxes), -1.0)  # padding: never matched
         matches, labels = match(self.proposal_matcher, iou)
         classes = torch.where(labels == 0, self.num_classes, gt_classes.gather(1, matches))
-        classes = torch.where(labels == -1, -1, classes)
-        for i, p in enumerate(proposals):
-            classes[i, len(p):] = -1  # padding proposals: never sampled
+        classes = torch.where((labels == -1) | ~real_proposals, -1, classes)  # padding: never sampled
         return classes, matches
+
+
+def stack_padded(tensors: list[torch.Tensor], min_length: int = 0) -> torch.Tensor:
+    """The tensors stacked along a new first dimension, each padded with zeros to the longest
+    (and to at least ``min_length``): a few operators for the whole batch (``pad_sequence``
+    dispatches a few per tensor)."""
+    longest = max(min_length, *(len(t) for t in tensors))
+    rows = np.concatenate([np.arange(len(t)) + i * longest for i, t in enumerate(tensors)])
+    stacked = tensors[0].new_zeros((len(tensors) * longest, *tensors[0].shape[1:]))
+    stacked[to_device(torch.from_numpy(rows), stacked.device)] = cat(tensors)
+    return stacked.view(len(tensors), longest, *tensors[0].shape[1:])
 
 
 @ROI_HEADS_REGISTRY.register()

@@ -36,6 +36,8 @@ from detectron2.modeling.proposal_generator import PROPOSAL_GENERATOR_REGISTRY, 
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from fvcore.nn import smooth_l1_loss
 
+from transfer.d2.prefetch import to_device
+
 
 def match(matcher: Matcher, quality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``matcher(quality)`` without read-backs, for a (#gt, #anchors) IoU matrix with at least one
@@ -126,21 +128,27 @@ def select_proposals(proposals, logits, image_sizes, nms_thresh: float, pre_nms_
     boxes, scores, levels = cat(boxes, dim=1), cat(scores, dim=1), cat(levels)
     if not (torch.isfinite(boxes).all() & torch.isfinite(scores).all()):
         raise FloatingPointError("Predicted boxes or scores contain Inf/NaN. Training has diverged.")
-    results = []
-    for n, (height, width) in enumerate(image_sizes):
-        x0, y0, x1, y1 = boxes[n].unbind(1)  # Boxes.clip, without its Inf/NaN check
-        image_boxes = Boxes(torch.stack([x0.clamp(0, width), y0.clamp(0, height),
-                                         x1.clamp(0, width), y1.clamp(0, height)], dim=1))
-        nonempty = image_boxes.nonempty(threshold=min_box_size)
-        group = torch.where(nonempty, levels, len(proposals))
-        shifted = image_boxes.tensor.float() + (group * (max(height, width) + 1.0))[:, None]
-        keep = nms(shifted, scores[n].float(), nms_thresh)
-        keep = keep[nonempty[keep]][:post_nms_topk]  # sorted by score, as NMS returns them
-        result = Instances((height, width))
-        result.proposal_boxes = image_boxes[keep]
-        result.objectness_logits = scores[n][keep]
-        results.append(result)
-    return results
+    # Every image's boxes clipped to its size (Boxes.clip, without its Inf/NaN check), at once; each
+    # image's groups are shifted apart by its largest side + 1.
+    bounds = to_device(torch.tensor([[w, h, w, h, max(h, w) + 1.0] for h, w in image_sizes]), device)
+    boxes = torch.minimum(boxes.clamp(min=0), bounds[:, None, :4].to(boxes.dtype))
+    size = boxes[..., 2:] - boxes[..., :2]
+    nonempty = (size[..., 0] > min_box_size) & (size[..., 1] > min_box_size)  # Boxes.nonempty
+    group = torch.where(nonempty, levels, len(proposals))
+    shifted = boxes.float() + (group * bounds[:, 4:])[..., None]
+    scores_float = scores.float()
+    keeps = []
+    for n in range(len(image_sizes)):
+        keep = nms(shifted[n], scores_float[n], nms_thresh)
+        keep = keep[nonempty[n, keep]][:post_nms_topk]  # sorted by score, as NMS returns them
+        keeps.append(keep + n * boxes.shape[1])
+    # One gather for the whole batch, then a view per image.
+    counts = [len(keep) for keep in keeps]
+    keep = cat(keeps)
+    image_boxes = boxes.flatten(0, 1)[keep].split(counts)
+    image_scores = scores.flatten()[keep].split(counts)
+    return [Instances(size, proposal_boxes=Boxes(b), objectness_logits=s)
+            for size, b, s in zip(image_sizes, image_boxes, image_scores)]
 
 
 @PROPOSAL_GENERATOR_REGISTRY.register()
