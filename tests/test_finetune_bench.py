@@ -44,13 +44,16 @@ def test_the_readback_counter_sees_what_waits_for_a_gpu():
 
     x = torch.arange(6.0)
     with finetune_bench.HostReadbacks() as counted:
+        (x * 2).exp()  # before the first read-back
         x.sum().item()
         x[x > 2]
         torch.nonzero(x)
         x[torch.tensor([0, 1])]  # integer indexing needs no read-back
         (x * 2).exp()
     assert counted.readbacks == {"aten::_local_scalar_dense": 1, "aten::index": 1, "aten::nonzero": 1}
-    assert counted.ops >= 7
+    assert counted.ops >= 9
+    # Dispatched after the first read-back (.item()): all but the first three (mul, exp, sum) and it.
+    assert counted.ops_after_wait == counted.ops - 4
     # With the model on a GPU, the same operators on host tensors wait for nothing.
     with finetune_bench.HostReadbacks("cuda") as on_the_host:
         x.sum().item()
@@ -77,6 +80,7 @@ def test_synthetic_coco_has_cocos_load(tmp_path):
 def test_mask_target_bench_times_both_rasterizers_on_the_same_proposals(tmp_path):
     root = finetune_bench.synthetic_coco(tmp_path, num_images=2)
     rows = finetune_bench.time_mask_targets(root, "cpu", images=2, rois_per_image=8, repeats=1)
-    assert [(r.rasterizer, r.rois) for r in rows] == [("detectron2", 16), ("packed_polygons", 16)]
+    assert [(r.rasterizer, r.rois) for r in rows] == [("detectron2", 16), ("packed_polygons", 16),
+                                                      ("packed_polygons per image", 16)]
     assert all(r.ms_per_batch > 0 for r in rows)
-    assert rows[1].readbacks == 0  # ours (detectron2's reads the matched indices back: a copy, uncounted on a CPU)
+    assert rows[1].readbacks == rows[2].readbacks == 0  # ours (detectron2's reads the matched indices back: a copy, uncounted on a CPU)

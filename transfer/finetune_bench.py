@@ -52,6 +52,7 @@ class StepTiming:
     peak_memory_gib: float | None
     ops_per_step: int | None = None  # operators dispatched by one training step
     readbacks_per_step: int | None = None  # of those, the ones that wait for the GPU
+    ops_after_wait: int | None = None  # operators dispatched after the step's first read-back
 
     @property
     def images_per_s(self) -> float:
@@ -70,6 +71,12 @@ class HostReadbacks(TorchDispatchMode):
     ``nonzero`` in the data mapper) wait for nothing and are not counted. On a CPU every tensor is a
     host tensor: everything is counted as if the model's tensors were on a GPU, but for copies
     between host and GPU (``.cpu()``, ``.tolist()``, ``.to("cuda")``), which do not exist there.
+
+    ``ops_after_wait``: operators dispatched after the first read-back. Once the host has waited,
+    the GPU has nothing queued and runs each of these as soon as the host dispatches it, so the
+    host's time for them adds to the step (until the backward pass's large kernels let the host
+    get ahead again). It means something on a GPU only: on a CPU the first read-back counted is
+    ``ImageList`` reading the image sizes (host tensors on a GPU), before the backbone.
     """
 
     READBACK = {"aten::_local_scalar_dense", "aten::nonzero", "aten::nonzero_numpy", "aten::_unique2",
@@ -80,12 +87,13 @@ class HostReadbacks(TorchDispatchMode):
     def __init__(self, device="cpu"):
         super().__init__()
         self.gpu = torch.device(device).type != "cpu"
-        self.ops = 0
+        self.ops = self.ops_after_wait = 0
         self.readbacks = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.ops += 1
+        self.ops_after_wait += bool(self.readbacks)
         if self._reads_back(func._schema.name, args, kwargs):
             self.readbacks[func._schema.name] += 1
         return func(*args, **kwargs)
@@ -219,18 +227,18 @@ def time_steps(task_name: str, weights, precision: str, schedule: str = "demo", 
             with HostReadbacks(cfg.MODEL.DEVICE) as counted:
                 trainer.run_step()
     return StepTiming(task.name, precision, heads, cfg.SOLVER.IMS_PER_BATCH, s_per_iter, statistics.median(data_times),
-                      peak, counted.ops, sum(counted.readbacks.values()))
+                      peak, counted.ops, sum(counted.readbacks.values()), counted.ops_after_wait)
 
 
 def markdown(rows: list[StepTiming]) -> str:
     columns = ["task", "precision", "heads", "batch", "s/iter", "data s/iter", "img/s", "peak GiB", "ops/step",
-               "read-backs/step"]
+               "read-backs/step", "ops after 1st read-back"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         peak = f"{r.peak_memory_gib:.1f}" if r.peak_memory_gib is not None else "n/a"
         lines.append(f"| {r.task} | {r.precision} | {r.heads} | {r.batch} | {r.s_per_iter:.3f} "
                      f"| {r.data_s_per_iter:.3f} | {r.images_per_s:.1f} | {peak} | {r.ops_per_step} "
-                     f"| {r.readbacks_per_step} |")
+                     f"| {r.readbacks_per_step} | {r.ops_after_wait} |")
     return "\n".join(lines)
 
 
@@ -246,8 +254,9 @@ class MaskTargetTiming:
 def time_mask_targets(root, device: str = "cpu", images: int = 16, rois_per_image: int = 128, mask_size: int = 28,
                       repeats: int = 5, seed: int = 0) -> list[MaskTargetTiming]:
     """A batch's Mask R-CNN polygon mask targets: detectron2's (``PolygonMasks``: pycocotools per proposal
-    on the host, then a copy) against ours (``PackedPolygons`` on ``device``), each including the
-    indexing by matched object that the ROI heads do. Objects: the first ``images`` images of the
+    on the host, then a copy) against ours (``PackedPolygons`` on ``device``: all images in one pass,
+    as training does, and one image at a time), each including the indexing by matched object that
+    the ROI heads do. Objects: the first ``images`` images of the
     ``synthetic_coco`` data under ``root``; proposals: their boxes, jittered, ``rois_per_image`` each.
     """
     import json
@@ -255,7 +264,7 @@ def time_mask_targets(root, device: str = "cpu", images: int = 16, rois_per_imag
     import numpy as np
     from detectron2.structures import PolygonMasks
 
-    from transfer.d2.mask_targets import PackedPolygons
+    from transfer.d2.mask_targets import PackedPolygons, mask_targets
 
     data = json.loads((Path(root) / "coco" / "annotations" / "instances_train2017.json").read_text())
     rng = np.random.default_rng(seed)
@@ -273,12 +282,18 @@ def time_mask_targets(root, device: str = "cpu", images: int = 16, rois_per_imag
     def detectron2s():
         return [masks[matched.tolist()].crop_and_resize(boxes, mask_size) for masks, matched, boxes in batch]
 
+    def packed():
+        return [PackedPolygons.from_polygon_masks(masks, device)[matched] for masks, matched, _ in batch]
+
     def ours():
-        return [PackedPolygons.from_polygon_masks(masks, device)[matched].crop_and_resize(boxes, mask_size)
-                for masks, matched, boxes in batch]
+        return mask_targets(packed(), [boxes for _, _, boxes in batch], mask_size)
+
+    def ours_per_image():
+        return [masks.crop_and_resize(boxes, mask_size) for masks, (_, _, boxes) in zip(packed(), batch)]
 
     rows = []
-    for name, targets in (("detectron2", detectron2s), ("packed_polygons", ours)):
+    for name, targets in (("detectron2", detectron2s), ("packed_polygons", ours),
+                          ("packed_polygons per image", ours_per_image)):
         times = []
         for _ in range(repeats + 1):  # the first is a warm-up
             if device == "cuda":

@@ -5,7 +5,7 @@ detectron2 keeps polygon masks on the host and rasterizes each sampled foregroun
 of host time per batch of 16 COCO images, while the GPU waits, then a blocking copy per image.
 ``PackedPolygons`` holds the polygons of an image's objects in one padded tensor on the device;
 its ``crop_and_resize`` rasterizes every proposal's target at once with a few tensor operations
-and reads nothing back.
+and reads nothing back, and ``mask_targets`` does so for all images of a batch together.
 
 Rasterization samples pixel centres with the even-odd rule per polygon and takes the union of an
 object's polygons, as pycocotools' ``merge`` does. pycocotools first rounds vertices to 1/5 pixel,

@@ -114,7 +114,9 @@ def select_proposals(proposals, logits, image_sizes, nms_thresh: float, pre_nms_
     twice.
     Here the levels are shifted apart so that one NMS call per image keeps the same boxes, boxes
     under ``min_box_size`` form a group of their own and are dropped after NMS (detectron2 drops
-    them before: same result), and the Inf/NaN check covers the whole batch at once.
+    them before: same result). All else, the Inf/NaN check included, works on the whole batch, not
+    image by image: this runs after the host's first wait for the GPU, where each operator dispatched
+    adds to the step (see ``HostReadbacks.ops_after_wait``).
     """
     device = logits[0].device
     rows = torch.arange(len(image_sizes), device=device)[:, None]
@@ -132,8 +134,8 @@ def select_proposals(proposals, logits, image_sizes, nms_thresh: float, pre_nms_
     # image's groups are shifted apart by its largest side + 1.
     bounds = to_device(torch.tensor([[w, h, w, h, max(h, w) + 1.0] for h, w in image_sizes]), device)
     boxes = torch.minimum(boxes.clamp(min=0), bounds[:, None, :4].to(boxes.dtype))
-    size = boxes[..., 2:] - boxes[..., :2]
-    nonempty = (size[..., 0] > min_box_size) & (size[..., 1] > min_box_size)  # Boxes.nonempty
+    widths, heights = (boxes[..., 2:] - boxes[..., :2]).unbind(-1)
+    nonempty = (widths > min_box_size) & (heights > min_box_size)  # Boxes.nonempty
     group = torch.where(nonempty, levels, len(proposals))
     shifted = boxes.float() + (group * bounds[:, 4:])[..., None]
     scores_float = scores.float()
