@@ -69,20 +69,23 @@ def test_packed_polygons_index_and_move_like_detectron2s_masks_and_read_nothing_
     assert empty.gt_masks.crop_and_resize(empty.gt_boxes.tensor, 28).shape == (0, 28, 28)
 
 
-def test_a_batch_rasterizes_in_one_pass_as_its_images_do_one_by_one(monkeypatch):
+def test_a_batch_rasterizes_in_passes_of_several_images_as_its_images_do_one_by_one(monkeypatch):
     from transfer.d2 import mask_targets
 
-    # Two images whose objects have different numbers of polygons and vertices (padded differently).
-    images = [objects_and_proposals(seed=1, count=7), objects_and_proposals(seed=2, count=5)]
+    # Three images whose objects have different numbers of polygons and vertices (padded differently),
+    # the largest first: the passes take them smallest first.
+    images = [objects_and_proposals(seed=4, count=4), objects_and_proposals(seed=2, count=5),
+              objects_and_proposals(seed=1, count=4)]
     images[1][0].polygons[0] = images[1][0].polygons[0][:1]  # one polygon in the second image's first object
     packed = [PackedPolygons.from_polygon_masks(masks, "cpu") for masks, _ in images]
-    assert packed[0].vertices.shape[1:] != packed[1].vertices.shape[1:]
+    sizes = [p.vertices.shape[1] * p.vertices.shape[2] for p in packed]
+    assert sizes[0] > sizes[1] > sizes[2], sizes
     one_by_one = torch.cat([p.crop_and_resize(boxes, 28) for p, (_, boxes) in zip(packed, images)])
     boxes = [boxes for _, boxes in images]
     with HostReadbacks() as counted:
         together = mask_targets.mask_targets(packed, boxes, 28)
     assert not counted.readbacks and torch.equal(together, one_by_one)
-    # In passes of a few objects each, when the tensors would exceed the memory bound.
+    # One image per pass, each in passes of a few objects, when the tensors would exceed the bound.
     monkeypatch.setattr(mask_targets, "CHUNK_ELEMENTS", 28 * 3 * 40 * 2)
     assert torch.equal(mask_targets.mask_targets(packed, boxes, 28), one_by_one)
     # Other mask structures: per image, as detectron2 does.

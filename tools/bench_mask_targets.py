@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Mask R-CNN's polygon mask targets for one batch: detectron2's (pycocotools per proposal, on the
-host) against ours (transfer/d2/mask_targets.py, on the device; the whole batch in one pass, as
+host) against ours (transfer/d2/mask_targets.py, on the device; several images per pass, as
 training does, and one image at a time): ms per batch and read-backs.
 
     python tools/bench_mask_targets.py --device cuda      # a batch of 16 images, 128 foreground proposals each

@@ -254,7 +254,7 @@ class MaskTargetTiming:
 def time_mask_targets(root, device: str = "cpu", images: int = 16, rois_per_image: int = 128, mask_size: int = 28,
                       repeats: int = 5, seed: int = 0) -> list[MaskTargetTiming]:
     """A batch's Mask R-CNN polygon mask targets: detectron2's (``PolygonMasks``: pycocotools per proposal
-    on the host, then a copy) against ours (``PackedPolygons`` on ``device``: all images in one pass,
+    on the host, then a copy) against ours (``PackedPolygons`` on ``device``: several images per pass,
     as training does, and one image at a time), each including the indexing by matched object that
     the ROI heads do. Objects: the first ``images`` images of the
     ``synthetic_coco`` data under ``root``; proposals: their boxes, jittered, ``rois_per_image`` each.

@@ -5,7 +5,7 @@ detectron2 keeps polygon masks on the host and rasterizes each sampled foregroun
 of host time per batch of 16 COCO images, while the GPU waits, then a blocking copy per image.
 ``PackedPolygons`` holds the polygons of an image's objects in one padded tensor on the device;
 its ``crop_and_resize`` rasterizes every proposal's target at once with a few tensor operations
-and reads nothing back, and ``mask_targets`` does so for all images of a batch together.
+and reads nothing back, and ``mask_targets`` does so for several images per pass.
 
 Rasterization samples pixel centres with the even-odd rule per polygon and takes the union of an
 object's polygons, as pycocotools' ``merge`` does. pycocotools first rounds vertices to 1/5 pixel,
@@ -17,27 +17,52 @@ from __future__ import annotations
 
 from transfer import d2compat  # noqa: F401  (before any detectron2 import)
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from detectron2.layers import cat
 from detectron2.structures import PolygonMasks
 
-# Objects rasterized per pass: at most this many elements in the (object, row, polygon, edge) tensors,
-# ~25 bytes each at their peak (so ~0.4 GB).
+# Objects rasterized per pass: at most this many elements in the (object, row, polygon, edge) tensors
+# (~25 bytes each at their peak, so ~0.4 GB): few passes of ~25 kernels each for a batch on a GPU. (A
+# CPU would be faster with passes of tensors that stay in its caches, ~2^20 elements.)
 CHUNK_ELEMENTS = 2 ** 24
 
 
 def mask_targets(masks: list, boxes: list[torch.Tensor], mask_size: int) -> torch.Tensor:
     """The (N, mask_size, mask_size) targets of every image's ``masks`` within its ``boxes``, concatenated.
 
-    ``PackedPolygons`` of all images are rasterized together (a few operators per batch instead of
-    per image); other mask structures per image, as detectron2 does (BitMasks of a whole batch would
-    take gigabytes).
+    ``PackedPolygons`` are rasterized several images per pass (a few operators per pass instead of
+    per image): images with the smallest polygons first, each pass as many as fit in
+    ``CHUNK_ELEMENTS`` once padded to its largest, so that little of the work is padding. Other mask
+    structures per image, as detectron2 does (BitMasks of a whole batch would take gigabytes).
     """
-    if all(isinstance(m, PackedPolygons) for m in masks):
-        return PackedPolygons.cat(masks).crop_and_resize(cat(boxes), mask_size)
-    return cat([m.crop_and_resize(b, mask_size).to(b.device) for m, b in zip(masks, boxes)])
+    if not all(isinstance(m, PackedPolygons) for m in masks):
+        return cat([m.crop_and_resize(b, mask_size).to(b.device) for m, b in zip(masks, boxes)])
+    passes = [[]]
+    for i in sorted(range(len(masks)), key=lambda i: math.prod(masks[i].vertices.shape[1:3])):
+        if passes[-1] and padded_elements([masks[j] for j in passes[-1] + [i]], mask_size) > CHUNK_ELEMENTS:
+            passes.append([])
+        passes[-1].append(i)
+    targets = [None] * len(masks)
+    for images in passes:
+        packed = PackedPolygons.cat([masks[i] for i in images])
+        rasterized = packed.crop_and_resize(cat([boxes[i] for i in images]), mask_size)
+        for i, image_targets in zip(images, rasterized.split([len(masks[i]) for i in images])):
+            targets[i] = image_targets
+    return cat(targets)
+
+
+def padded_shape(masks: list[PackedPolygons]) -> tuple[int, int]:
+    """The most polygons and vertices among ``masks``: the shape they take together."""
+    return max(m.vertices.shape[1] for m in masks), max(m.vertices.shape[2] for m in masks)
+
+
+def padded_elements(masks: list[PackedPolygons], mask_size: int) -> int:
+    """The size of the (object, row, polygon, edge) tensors that rasterizing ``masks`` together takes."""
+    return sum(len(m) for m in masks) * mask_size * math.prod(padded_shape(masks))
 
 
 class PackedPolygons:
@@ -70,8 +95,7 @@ class PackedPolygons:
     @staticmethod
     def cat(packed: list[PackedPolygons]) -> PackedPolygons:
         """The objects of several PackedPolygons in one, padded to the most polygons and vertices."""
-        polygons = max(p.vertices.shape[1] for p in packed)
-        vertices = max(p.vertices.shape[2] for p in packed)
+        polygons, vertices = padded_shape(packed)
 
         def padded(v: torch.Tensor) -> torch.Tensor:
             if v.shape[2] < vertices:  # repeating the last vertex adds zero-length edges only
