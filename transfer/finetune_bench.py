@@ -256,8 +256,8 @@ def time_mask_targets(root, device: str = "cpu", images: int = 16, rois_per_imag
     """A batch's Mask R-CNN polygon mask targets: detectron2's (``PolygonMasks``: pycocotools per proposal
     on the host, then a copy) against ours (``PackedPolygons`` on ``device``: several images per pass,
     as training does, and one image at a time), each including the indexing by matched object that
-    the ROI heads do. Objects: the first ``images`` images of the
-    ``synthetic_coco`` data under ``root``; proposals: their boxes, jittered, ``rois_per_image`` each.
+    the ROI heads do. Objects: the first ``images`` images of the ``synthetic_coco`` data under
+    ``root``; proposals: their boxes, jittered, ``rois_per_image`` each.
     """
     import json
 

@@ -42,7 +42,7 @@ def mask_targets(masks: list, boxes: list[torch.Tensor], mask_size: int) -> torc
     if not all(isinstance(m, PackedPolygons) for m in masks):
         return cat([m.crop_and_resize(b, mask_size).to(b.device) for m, b in zip(masks, boxes)])
     passes = [[]]
-    for i in sorted(range(len(masks)), key=lambda i: math.prod(masks[i].vertices.shape[1:3])):
+    for i in sorted(range(len(masks)), key=lambda i: math.prod(padded_shape([masks[i]]))):
         if passes[-1] and padded_elements([masks[j] for j in passes[-1] + [i]], mask_size) > CHUNK_ELEMENTS:
             passes.append([])
         passes[-1].append(i)
