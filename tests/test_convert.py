@@ -328,6 +328,11 @@ def test_unknown_detectron2_author_needs_an_overlay(tmp_path):
                                    "__author__": "someone"}))
     with pytest.raises(UserError, match="'someone' without an overlay"):
         load_overlay(path)
+    path.with_suffix(".yaml").write_text("MODEL:\n  WEIGHTS: [\n")  # an overlay edited by hand, badly
+    with pytest.raises(UserError, match=r"model_final.yaml: not valid YAML: .* at line 3, column 1$"):
+        load_overlay(path)
+    path.with_suffix(".yaml").write_text("MODEL:\n  RESNETS:\n    DEPTH: 50\n")
+    assert load_overlay(path) == {"MODEL.RESNETS.DEPTH": 50, "MODEL.WEIGHTS": str(path.resolve())}
 
 
 # --- bad inputs --------------------------------------------------------------------------------

@@ -71,6 +71,18 @@ def test_official_flag_names_override_the_preset():
         engine.load_config("v3")
 
 
+def test_a_preset_file_that_is_not_a_yaml_mapping_is_a_user_error(tmp_path):
+    (tmp_path / "broken.yaml").write_text("lr: [0.03\nepochs: 2\n")
+    (tmp_path / "list.yaml").write_text("- 0.03\n")
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(UserError, match=r"broken.yaml: not valid YAML: .* at line 2, column 7$"):
+        engine.load_config(tmp_path / "broken.yaml")
+    with pytest.raises(UserError, match="list.yaml: expected a mapping of pre-training settings, found a YAML list"):
+        engine.load_config(tmp_path / "list.yaml")
+    with pytest.raises(UserError, match="empty.yaml: .*missing .* 'arch'"):
+        engine.load_config(tmp_path / "empty.yaml")
+
+
 def test_bad_sizes_and_paths_are_user_errors(tmp_path, data):
     with pytest.raises(UserError, match="--moco-k 20: the queue size must be a multiple of --batch-size 8"):
         engine.pretrain(tiny(data, tmp_path / "a", moco_k=20))

@@ -311,13 +311,7 @@ def load_overlay(weights_path) -> dict:
         raise UserError(f"{path}: no such weights file")
     sidecar = overlay_path_for(path)
     if sidecar.is_file():
-        try:
-            nested = yaml.safe_load(sidecar.read_text())
-        except yaml.YAMLError as e:
-            raise UserError(f"{sidecar}: not valid YAML: {e}") from None
-        if not isinstance(nested, dict):
-            raise UserError(f"{sidecar}: expected a mapping of detectron2 config keys")
-        overlay = _flat(nested)
+        overlay = _flat(fileio.read_yaml_mapping(sidecar, "a mapping of detectron2 config keys"))
     else:
         overlay = _infer_overlay(path, sidecar)
     overlay["MODEL.WEIGHTS"] = str(path.resolve())

@@ -1,9 +1,14 @@
-"""Atomic file writes (a reader, or a resumed suite, never sees a half-written file) and file hashes."""
+"""Atomic file writes (a reader, or a resumed suite, never sees a half-written file), file hashes,
+and YAML files read with a one-line error when they are not what they should be."""
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
+
+import yaml
+
+from transfer.errors import UserError
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -55,11 +60,28 @@ def load_tensors(path, flag: str):
     """
     import torch
 
-    from transfer.errors import UserError
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{flag} {path}: no such file") from None
     except Exception as e:  # not a torch file, or one that needs unpickling code (never done)
         raise UserError(f"{flag} {path}: not a PyTorch checkpoint of tensors ({type(e).__name__})") from None
+
+
+def read_yaml_mapping(path, holds: str) -> dict:
+    """The mapping in the YAML file at ``path`` ({} for an empty file); ``holds`` says what it should
+    hold, for the error raised when the file is missing, not YAML or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file (expected {holds})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML: {getattr(e, 'problem', None) or type(e).__name__}{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected {holds}, found a YAML {type(data).__name__}")
+    return data

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from transfer import d2compat  # noqa: F401  (before any detectron2 import)
 
 from detectron2 import model_zoo
 from detectron2.config import CfgNode
 from detectron2.config import get_cfg as d2_get_cfg
+
+from transfer import fileio
 
 ZOO = "zoo://"
 
@@ -32,7 +32,7 @@ def get_cfg() -> CfgNode:
 def load_yaml(path) -> dict:
     """The config file at ``path`` as a plain dict, with its ``_BASE_`` chain merged in."""
     path = Path(path)
-    data = yaml.safe_load(path.read_text()) or {}
+    data = fileio.read_yaml_mapping(path, "a detectron2 config")
     bases = data.pop("_BASE_", [])
     merged: dict = {}
     for base in [bases] if isinstance(bases, str) else bases:

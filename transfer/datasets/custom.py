@@ -36,7 +36,6 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from PIL import Image
 
 from transfer import d2compat  # noqa: F401  (must precede detectron2 imports)
@@ -45,6 +44,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.structures import BoxMode
 
+from transfer import fileio
 from transfer.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -83,14 +83,7 @@ class CustomDataset:
 
 # ----------------------------------------------------------------------------------------------
 def _load_yaml(yaml_path: Path) -> dict:
-    if not yaml_path.is_file():
-        raise UserError(f"{yaml_path}: custom dataset YAML not found")
-    try:
-        spec = yaml.safe_load(yaml_path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{yaml_path}: not valid YAML ({str(e).splitlines()[0]})") from e
-    if not isinstance(spec, dict):
-        raise UserError(f"{yaml_path}: expected a mapping with keys {sorted(TOP_KEYS)}")
+    spec = fileio.read_yaml_mapping(yaml_path, f"a custom dataset: a mapping with keys {sorted(TOP_KEYS)}")
     unknown = set(spec) - TOP_KEYS
     if unknown:
         raise UserError(f"{yaml_path}: unknown key(s) {sorted(unknown)}; expected {sorted(TOP_KEYS)}")

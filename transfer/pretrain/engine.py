@@ -79,7 +79,7 @@ def load_config(preset="v2", **overrides) -> PretrainConfig:
     if not path.is_file():
         names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
         raise UserError(f"--preset {preset}: no such preset ({', '.join(names)}) or YAML file")
-    values = yaml.safe_load(path.read_text()) or {}
+    values = fileio.read_yaml_mapping(path, "a mapping of pre-training settings")
     values.update({k: v for k, v in overrides.items() if v is not None})
     fields = {f.name for f in dataclasses.fields(PretrainConfig)}
     unknown = sorted(set(values) - fields)
