@@ -19,7 +19,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from transfer.convert import backbone_from_overlay, convert, load_overlay, verify
+from transfer.convert import backbone_from_overlay, convert, load_overlay, verify, weights_settings
 from transfer.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,7 +168,8 @@ def test_every_layout_gives_torchvision_features(tmp_path, resnet50, layout):
     overlay = load_overlay(result.weights_path)
     assert overlay["MODEL.RESNETS.DEPTH"] == 50
     assert overlay["MODEL.RESNETS.STRIDE_IN_1X1"] is False
-    assert overlay["MODEL.RESNETS.NORM"] == "SyncBN" and overlay["MODEL.BACKBONE.FREEZE_AT"] == 0
+    assert overlay["MODEL.RESNETS.NORM"] == "SyncBN"
+    assert "MODEL.BACKBONE.FREEZE_AT" not in overlay  # how much to freeze is the task's protocol
     assert max(max_differences(resnet50, overlay).values()) < 1e-4
 
 
@@ -241,7 +242,7 @@ def test_detectron2_models_load_every_backbone_tensor(tmp_path, resnet50, config
     cfg = get_cfg()
     cfg.merge_from_file(model_zoo.get_config_file(config))
     cfg.merge_from_list([item for pair in load_overlay(result.weights_path).items() for item in pair])
-    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.DEVICE, cfg.MODEL.BACKBONE.FREEZE_AT = "cpu", 0  # the tasks' protocol: nothing frozen
     model = build_model(cfg)
 
     backbone = {}  # model key -> name in the weights file, for every tensor of the ResNet
@@ -311,7 +312,10 @@ def test_msra_weights_get_caffe_settings(tmp_path):
     assert overlay["INPUT.FORMAT"] == "BGR" and overlay["MODEL.PIXEL_STD"] == [1.0, 1.0, 1.0]
     assert overlay["MODEL.PIXEL_MEAN"] == [103.53, 116.28, 123.675]
     assert overlay["MODEL.RESNETS.STRIDE_IN_1X1"] is True and overlay["MODEL.RESNETS.NORM"] == "FrozenBN"
-    assert overlay["MODEL.BACKBONE.FREEZE_AT"] == 2 and overlay["MODEL.RESNETS.DEPTH"] == 50
+    assert "MODEL.BACKBONE.FREEZE_AT" not in overlay and overlay["MODEL.RESNETS.DEPTH"] == 50
+    # fine-tuning takes the pixels and the ResNet's shape from it; FrozenBN is the file's, not a protocol
+    owned, protocol = weights_settings(overlay)
+    assert owned["INPUT.FORMAT"] == "BGR" and protocol == {"MODEL.RESNETS.NORM": "FrozenBN"}
     # the inferred settings build a backbone that detectron2 fills from the file
     backbone = backbone_from_overlay(overlay)
     with torch.no_grad():

@@ -20,6 +20,7 @@ import yaml
 from transfer import d2compat  # noqa: F401
 
 from transfer import fileio, suite
+from transfer.d2 import evaluation
 from transfer import finetune as ft
 from transfer.datasets import demo
 from transfer.errors import UserError
@@ -27,7 +28,7 @@ from transfer.tasks import TASKS, get_task
 
 SCHEMA = {"status", "error", "task", "schedule", "seed", "weights", "weights_sha256", "metrics", "all_metrics",
           "s_per_iter", "wall_time_s", "peak_memory_mb", "precision", "iterations", "num_gpus", "versions",
-          "config", "dataset_split"}
+          "config", "dataset_split", "per_class"}
 # Tasks whose demo runs must show learning, and the headline metric that must show it
 # (measured with make demo's weights: voc07 AP50 4-9, coco_fpn_1x APbb50 13-18; a custom COCO-json
 # FPN run APbb50 18 after 40 iterations).
@@ -61,6 +62,9 @@ def test_demo_schedule_trains_evaluates_and_records(name, moco_weights, demo_roo
     assert record["s_per_iter"] > 0 and record["precision"] == "fp32" and record["num_gpus"] == 1
     assert record["weights_sha256"] == fileio.sha256_of(moco_weights)
     assert record["all_metrics"] and set(record["versions"]) >= {"torch", "detectron2", "python"}
+    headline_sections = {evaluation.HEADLINES[task.evaluator][m][0] for m in task.metrics}
+    assert headline_sections <= set(record["per_class"]), record["per_class"].keys()
+    assert record["per_class"] == evaluation.per_class(task.evaluator, record["all_metrics"])
     assert not list(tmp_path.glob("model_*.pth"))  # checkpoints removed after success
     if name in LEARNS:
         assert record["metrics"][LEARNS[name]] > 2.0, record["metrics"]
@@ -69,7 +73,7 @@ def test_demo_schedule_trains_evaluates_and_records(name, moco_weights, demo_roo
 
 def test_the_suite_runs_a_2x_demo_once_as_its_1x_demo(moco_weights, demo_root, tmp_path):
     weights = suite.prepare_weights(f"moco={moco_weights}", tmp_path)
-    runs = suite.plan([weights], suite.resolve_tasks("all", "demo"), "demo", 2, tmp_path / "out")
+    runs = suite.plan([weights], suite.resolve_tasks("all", "demo", demo_root), "demo", 2, tmp_path / "out")
     repeats = suite.repeated_runs(runs, datasets=demo_root)
     assert {(r.task, r.seed): (o.task, o.seed) for r, o in repeats.items()} == {
         (task, seed): (SAME_DEMO[task], seed) for task in SAME_DEMO for seed in (0, 1)}

@@ -248,3 +248,39 @@ def test_two_process_run_fills_the_queue_from_both_ranks(data, tmp_path):
     expected = list(ViewSampler(24, 8, 0, 1, seed=0, epochs=1))[:16]
     assert ckpt["state_dict"]["module.queue_ids"][:16].tolist() == expected
     assert int(ckpt["state_dict"]["module.queue_ptr"]) == 16
+
+
+# ----------------------------------------------------------------------------- tools/pretrain_moco.py defaults
+
+
+def test_without_preset_or_data_a_cpu_gets_the_demo_preset_and_a_gpu_is_told_what_to_pass():
+    choose = load_tool("pretrain_moco").choose_preset
+    preset, note = choose(None, None, None, gpu=False)
+    assert preset == "demo" and note.startswith("no GPU and no --preset/--data: running the demo preset")
+    assert choose(None, None, "cpu", gpu=True)[0] == "demo"  # --device cpu on a GPU machine
+    with pytest.raises(UserError, match=r"^no --data: pass --data DIR .* or --preset demo"):
+        choose(None, None, None, gpu=True)
+    assert choose(None, "/data/imagenet", None, gpu=True) == ("v2", None)
+    assert choose("v2", None, None, gpu=False) == ("v2", None)  # asked for: as before
+    assert choose("v1", None, None, gpu=True) == ("v1", None)
+
+
+def test_pretrain_moco_without_arguments_trains_the_demo_preset_on_the_demo_images(tmp_path):
+    """The command as typed, but for --max-steps: the whole demo run takes minutes on a busy CPU."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", MOCO_TRANSFER_DEMO=str(tmp_path / "demo"))
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "pretrain_moco.py"), "--max-steps", "2"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == (
+        "no GPU and no --preset/--data: running the demo preset on the built-in demo images "
+        "(pass --preset v2 --data DIR for ImageNet settings)")
+    run = tmp_path / "output" / "pretrain"
+    demo_preset = yaml.safe_load((REPO / "configs" / "pretrain" / "demo.yaml").read_text())
+    settings = yaml.safe_load((run / "config.yaml").read_text())
+    assert {k: settings[k] for k in demo_preset} == demo_preset
+    assert load(run / engine.CHECKPOINT)["step"] == 2

@@ -147,12 +147,18 @@ def test_published_numbers_follow_the_task_and_schedule(tmp_path):
     assert custom[[c for c in summary.columns if c.startswith("published")]].isna().all()
 
 
-def test_the_projects_copy_of_the_published_numbers_is_the_reference():
+def test_the_projects_copy_holds_every_reference_number_with_its_protocol_and_source():
     shared = REPO.parent / "shared" / "reference" / "published_results.csv"
     ours = report.load_published()
-    assert {"task", "schedule", "pretrain", "metric", "value"} <= set(ours.columns)
-    if shared.is_file():  # only beside the shared reference folder
-        pd.testing.assert_frame_equal(ours, pd.read_csv(shared))
+    assert {"task", "schedule", "pretrain", "protocol", "metric", "value", "source"} <= set(ours.columns)
+    assert ours["protocol"].notna().all() and ours["source"].notna().all()
+    assert not ours.duplicated(["task", "schedule", "pretrain", "protocol", "metric"]).any()
+    if shared.is_file():  # only beside the shared reference folder: each of its rows, unchanged
+        reference = pd.read_csv(shared)
+        merged = reference.merge(ours, on=list(reference.columns), how="left", indicator=True)
+        assert (merged["_merge"] == "both").all(), merged[merged["_merge"] != "both"]
+    frozen = ours[ours["pretrain"].str.contains("frozen BN")]
+    assert len(frozen) and (frozen["protocol"] == "frozen BN").all()
 
 
 def test_make_report_tool(suite_dir, tmp_path_factory):
@@ -165,3 +171,107 @@ def test_make_report_tool(suite_dir, tmp_path_factory):
     done = subprocess.run([sys.executable, str(REPO / "tools" / "make_report.py"), str(empty)],
                           capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "metrics.json" in done.stderr
+
+
+def test_intervals_and_tests_equal_scipys_on_the_same_numbers(suite_dir):
+    from scipy import stats as scipy_stats
+
+    output, sup, moco = suite_dir
+    summary = report.summarize(report.load_runs(output))
+    # The mean's interval: t distribution with n - 1 degrees of freedom.
+    s = row(summary, "supervised", "voc07", "AP")
+    low, high = scipy_stats.t.interval(0.95, 2, loc=np.mean(sup["AP"]), scale=scipy_stats.sem(sup["AP"]))
+    assert (s["ci_low"], s["ci_high"]) == (pytest.approx(low), pytest.approx(high))
+    # Both ran seeds 0, 1, 2: the paired test, its p-value and the delta's interval are scipy's.
+    m = row(summary, "moco", "voc07", "AP")
+    paired = scipy_stats.ttest_rel(moco["AP"], sup["AP"])
+    assert m["test"] == "paired t-test" and m["p_value"] == pytest.approx(paired.pvalue)
+    interval = paired.confidence_interval(0.95)
+    assert (m["delta_ci_low"], m["delta_ci_high"]) == (pytest.approx(interval.low), pytest.approx(interval.high))
+    assert m["significant"] == ("yes" if paired.pvalue < 0.05 else "no")
+    # moco's AP75 has 2 trials: no test, never a p-value.
+    ap75 = row(summary, "moco", "voc07", "AP75")
+    assert ap75["test"] == "n < 3, no test" and math.isnan(ap75["p_value"]) and math.isnan(ap75["delta_ci_low"])
+    assert ap75["delta"] == pytest.approx(61.0 - 56.0) and not isinstance(ap75["significant"], str)
+
+
+def test_runs_of_different_seeds_are_compared_with_welchs_test(tmp_path):
+    from scipy import stats as scipy_stats
+
+    sup, moco = [40.0, 40.4, 39.8], [41.0, 40.6, 41.3, 40.9]
+    for seed, value in enumerate(sup):
+        write_run(tmp_path, "supervised", "coco_fpn_1x", seed, {"APbb": value})
+    for seed, value in enumerate(moco, start=10):
+        write_run(tmp_path, "moco", "coco_fpn_1x", seed, {"APbb": value})
+    written = report.write_reports(tmp_path)
+    m = row(pd.read_csv(written.summary_csv), "moco", "coco_fpn_1x", "APbb")
+    welch = scipy_stats.ttest_ind(moco, sup, equal_var=False)
+    assert m["test"] == "Welch t-test" and m["p_value"] == pytest.approx(welch.pvalue)
+    assert m["delta_ci_low"] == pytest.approx(welch.confidence_interval(0.95).low)
+    assert m["significant"] == "yes" and welch.pvalue < 0.05
+    md = written.summary_md.read_text()
+    assert "Welch t-test" in md and f"{welch.pvalue:.3f}" in md
+
+
+def test_a_published_number_stands_only_beside_runs_of_its_dataset_version_and_protocol(tmp_path):
+    published = report.load_published()
+    for task in ("lvis_1x", "lvis_v0.5_2x", "lvis_v0.5_2x_frozenbn"):
+        write_run(tmp_path, "supervised", task, 0, {"APmk": 20.0}, schedule="full")
+    summary = report.summarize(report.load_runs(tmp_path), published=published)
+    v1 = row(summary, "supervised", "lvis_1x", "APmk")  # LVIS v1: the paper's v0.5 numbers never show
+    assert v1[[c for c in summary.columns if c.startswith("published")]].isna().all()
+    tuned = row(summary, "supervised", "lvis_v0.5_2x", "APmk")
+    assert tuned["published: supervised IN-1M (tuned BN)"] == 23.2 and tuned["published: MoCo v1 IN-1M 200ep"] == 24.1
+    assert math.isnan(tuned["published: supervised IN-1M (frozen BN)"])
+    frozen = row(summary, "supervised", "lvis_v0.5_2x_frozenbn", "APmk")
+    assert frozen["published: supervised IN-1M (frozen BN)"] == 24.4
+    assert math.isnan(frozen["published: MoCo v1 IN-1M 200ep"])
+    md = report.to_markdown(summary, report.load_runs(tmp_path), published=published)
+    assert "`lvis_1x`: no published number for Mask R-CNN R50-FPN, LVIS v1" in md
+
+
+def test_a_run_that_fell_back_is_reported_under_the_task_that_ran(tmp_path):
+    write_run(tmp_path, "supervised", "voc_sem", 0, {"mIoU": 40.0}, schedule="full")
+    record = json.loads((tmp_path / "supervised/voc_sem/full/seed0/metrics.json").read_text())
+    record["task_variant"] = "voc_sem_train"
+    (tmp_path / "supervised/voc_sem/full/seed0/metrics.json").write_text(json.dumps(record))
+    summary = report.summarize(report.load_runs(tmp_path), published=report.load_published())
+    fallback = row(summary, "supervised", "voc_sem_train", "mIoU")
+    assert fallback[[c for c in summary.columns if c.startswith("published")]].isna().all()
+    assert "voc_sem" not in set(summary["task"])
+
+
+def test_per_class_results_rank_the_largest_gains_and_losses(tmp_path):
+    classes = {"supervised": {"cat": 50.0, "dog": 40.0, "car": 30.0}, "moco": {"cat": 55.0, "dog": 38.0, "car": 30.5}}
+    for weights, values in classes.items():
+        for seed in range(2):
+            write_run(tmp_path, weights, "voc07", seed, {"AP": 40.0 + seed})
+            path = tmp_path / weights / "voc07" / "demo" / f"seed{seed}" / "metrics.json"
+            record = json.loads(path.read_text())
+            record["per_class"] = {"bbox": {c: v + seed for c, v in values.items()}}
+            path.write_text(json.dumps(record))
+    written = report.write_reports(tmp_path)
+    per_class = pd.read_csv(written.per_class)
+    cat = per_class[(per_class["weights"] == "moco") & (per_class["class"] == "cat")].iloc[0]
+    assert cat["mean"] == 55.5 and cat["n"] == 2 and cat["baseline_mean"] == 50.5 and cat["delta"] == 5.0
+    assert per_class[per_class["weights"] == "supervised"]["delta"].isna().all()
+    md = written.summary_md.read_text()
+    assert "## Per-class results" in md
+    assert "`moco` on `voc07` (demo, bbox): gains cat +5.0, car +0.5; losses dog -2.0" in md
+
+
+def test_runs_csv_carries_provenance_and_marks_small_batches(tmp_path):
+    for seed, small in ((0, False), (1, True)):
+        write_run(tmp_path, "moco", "voc07", seed, {"AP": 40.0})
+        path = tmp_path / "moco" / "voc07" / "demo" / f"seed{seed}" / "metrics.json"
+        record = json.loads(path.read_text())
+        record["provenance"] = {"ims_per_batch": 16 if not small else 4, "base_lr": 0.02, "max_iter": 24000,
+                                "warmup_iters": 100, "bn_group_images": 16 if not small else 4,
+                                "small_batch": small, "gpu_model": "cpu", "git_commit": "abc"}
+        path.write_text(json.dumps(record))
+    written = report.write_reports(tmp_path)
+    runs = pd.read_csv(written.runs)
+    assert runs.set_index("seed")["ims_per_batch"].to_dict() == {0: 16, 1: 4}
+    assert (runs["gpu_model"] == "cpu").all() and (runs["git_commit"] == "abc").all()
+    assert "Small batches: runs of `voc07` (demo) trained with fewer than 8 images per BN group" in \
+        written.summary_md.read_text()

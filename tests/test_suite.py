@@ -241,3 +241,149 @@ def test_slurm_launcher_submits_each_run_as_a_job(tiny, tmp_path):
     assert started(tmp_path / "out", 0) == 1
     # Done runs are not submitted again.
     assert suite.run_suite(runs, launcher) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# What --tasks and the defaults of tools/run_suite.py resolve to
+
+COCO = ["coco_c4_1x", "coco_c4_2x", "coco_fpn_1x", "coco_fpn_2x", "coco_kp_2x"]
+
+
+def test_families_expand_in_order_and_a_task_named_twice_runs_once(tmp_path):
+    assert suite.expand_tasks("voc,coco") == ["voc07+12", "voc07", *COCO]
+    assert suite.expand_tasks("voc07, voc,coco_fpn_1x,coco") == [
+        "voc07", "voc07+12", "coco_fpn_1x", "coco_c4_1x", "coco_c4_2x", "coco_fpn_2x", "coco_kp_2x"]
+    assert list(suite.resolve_tasks("coco,voc", "demo", tmp_path)) == [*COCO, "voc07+12", "voc07"]
+    assert suite.expand_tasks("semseg,cityscapes") == ["cityscapes_sem", "voc_sem", "cityscapes_inst"]
+
+
+def test_an_unknown_task_or_family_is_one_line_naming_the_choices():
+    with pytest.raises(UserError) as error:
+        suite.expand_tasks("voc,detection")
+    message = str(error.value)
+    assert message.startswith("--tasks detection: unknown task or family") and "\n" not in message
+    assert "voc07+12" in message and "families: voc, coco, lvis, cityscapes, semseg, all" in message
+    with pytest.raises(UserError, match="no task given"):
+        suite.expand_tasks(" , ")
+
+
+def test_all_is_every_task_of_the_papers_protocol_except_the_fallbacks():
+    from transfer.tasks import DEFAULT_PROTOCOL, TASKS
+
+    everything = suite.expand_tasks("all")
+    assert everything[:7] == ["voc07+12", "voc07", *COCO]
+    assert {"lvis_1x", "lvis_2x", "cityscapes_inst", "cityscapes_sem", "voc_sem"} <= set(everything)
+    assert not {"voc_sem_train", "lvis_v0.5_1x", "lvis_v0.5_2x"} & set(everything)
+    assert all(TASKS[name].protocol == DEFAULT_PROTOCOL for name in everything)
+
+
+def datasets_with_fallbacks_only(root):
+    """VOC 2012 segmentation without SegmentationClassAug, and LVIS v0.5 without v1."""
+    voc = root / "VOC2012"
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / folder).mkdir(parents=True)
+    for split in ("train", "val"):
+        (voc / f"ImageSets/Segmentation/{split}.txt").write_text("2007_000001\n")
+        (root / "coco" / f"{split}2017").mkdir(parents=True)
+    (root / "lvis").mkdir()
+    for split in ("train", "val"):
+        (root / "lvis" / f"lvis_v0.5_{split}.json").write_text("{}")
+    return root
+
+
+def test_a_fallback_is_chosen_at_plan_time_and_its_runs_are_filed_under_the_task_that_runs(tmp_path):
+    import io
+
+    root = datasets_with_fallbacks_only(tmp_path / "datasets")
+    notes = []
+    tasks = suite.resolve_tasks("voc_sem,lvis_1x,voc_sem_train", "full", root, notes)
+    assert tasks == {"voc_sem_train": "voc_sem_train", "lvis_v0.5_1x": "lvis_v0.5_1x"}
+    suite.check_datasets(tasks, root)
+    assert len(notes) == 2 and notes[0].startswith(
+        f"voc_sem: {root / 'VOC2012' / 'SegmentationClassAug'}: missing, so running voc_sem_train (")
+    assert "1,464 images" in notes[0] and notes[0].endswith("not comparable with the paper's voc_sem)")
+    assert notes[1].startswith(f"lvis_1x: {root / 'lvis' / 'lvis_v1_train.json'}: missing, so running lvis_v0.5_1x")
+
+    runs = suite.plan([fake_weights(tmp_path, "moco")], tasks, "full", 1, tmp_path / "out")
+    assert [r.dir.relative_to((tmp_path / "out").resolve()).parts[1] for r in runs] == ["voc_sem_train", "lvis_v0.5_1x"]
+    shown = io.StringIO()
+    suite.run_suite(runs, lambda runs, on_start, on_done: [], stream=shown, notes=notes)
+    plan = shown.getvalue()
+    assert plan.startswith("Plan: 2 runs (2 new)") and notes[0] in plan and notes[1] in plan
+    assert "voc_sem_train" in plan.splitlines()[2] + plan.splitlines()[3]
+
+
+def test_with_neither_a_task_nor_its_fallback_on_disk_the_check_names_the_tasks_files(tmp_path):
+    (tmp_path / "coco" / "train2017").mkdir(parents=True)
+    (tmp_path / "coco" / "val2017").mkdir()
+    notes = []
+    tasks = suite.resolve_tasks("lvis", "full", tmp_path, notes)
+    assert tasks == {"lvis_1x": "lvis_1x", "lvis_2x": "lvis_2x"} and notes == []
+    with pytest.raises(UserError, match=r"lvis/lvis_v1_train.json: missing; expected .*LVIS layout"):
+        suite.check_datasets(tasks, tmp_path)
+
+
+def test_the_newest_demo_or_pretraining_weights_are_the_default(tmp_path):
+    assert suite.find_default_weights(tmp_path) is None
+    files = {"demo": tmp_path / "results/demo/weights/moco_v2_demo.pkl",
+             "baseline": tmp_path / "results/demo/weights/supervised_demo.pkl",
+             "run": tmp_path / "results/moco_run/pretrain/checkpoint_last.pth.tar",
+             "default": tmp_path / "output/pretrain/checkpoint_last.pth.tar",
+             "suite": tmp_path / "results/moco_v2-full/weights/supervised.pkl"}  # a suite's own copy
+    mtimes = {"default": 1e9, "run": 1.1e9, "baseline": 1.2e9, "suite": 1.4e9, "demo": 1.3e9}
+    for name, path in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"w")
+        os.utime(path, (mtimes[name], mtimes[name]))
+    assert suite.find_default_weights(tmp_path) == (f"moco_v2={files['demo']}", files["baseline"])
+    os.utime(files["run"], (2e9, 2e9))
+    assert suite.find_default_weights(tmp_path) == (f"moco_run={files['run']}", None)
+    os.utime(files["default"], (3e9, 3e9))
+    assert suite.find_default_weights(tmp_path) == (f"pretrain={files['default']}", None)
+
+
+def load_run_suite():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_suite", REPO / "tools" / "run_suite.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_run_suite_without_weights_and_none_to_find_says_what_to_pass(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        load_run_suite().main(["--tasks", "voc,coco", "--schedule", "demo"], root=tmp_path)
+    assert exit.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.startswith("error: no --weights given") and "pass --weights FILE" in error
+
+
+def test_run_suite_without_weights_runs_the_demos_against_its_baseline_into_results(tmp_path, capsys):
+    import signal
+
+    from transfer.datasets import demo
+
+    datasets = demo.generate(tmp_path / "demo_datasets")
+    weights = tmp_path / "repo" / "results" / "demo" / "weights"
+    weights.mkdir(parents=True)
+    for name in ("moco_v2_demo.pkl", "supervised_demo.pkl"):  # not loadable: each run fails at once
+        (weights / name).write_bytes(name.encode())
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exit:
+            load_run_suite().main(["--tasks", "voc07", "--schedule", "demo", "--datasets", str(datasets)],
+                                  root=tmp_path / "repo")
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    lines = capsys.readouterr().err.splitlines()
+    assert exit.value.code == 1, lines
+    output = tmp_path / "repo" / "results" / "moco_v2-demo"
+    assert lines[:3] == [
+        f"weights: moco_v2={weights / 'moco_v2_demo.pkl'} (no --weights: the newest demo / pre-training weights)",
+        f"baseline: {weights / 'supervised_demo.pkl'} (no --baseline: the demo's supervised weights)",
+        f"output: {output} (no --output)"]
+    assert lines[3].startswith("Plan: 2 runs (2 new)"), lines
+    for label in ("supervised", "moco_v2"):
+        record = json.loads((output / label / "voc07" / "demo" / "seed0" / "metrics.json").read_text())
+        assert record["status"] == "failed" and record["task"] == "voc07"

@@ -14,7 +14,6 @@ from transfer.d2.config import get_cfg, load_yaml
 from transfer.errors import UserError
 from transfer.tasks import QUICK_FRACTION, REPO, TASKS, get_task
 
-PUBLISHED = [REPO / "results" / "published_results.csv", Path("/work/shared/reference/published_results.csv")]
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +52,12 @@ def test_every_task_is_consistent(name, moco_weights):
     for schedule in ("full", "quick", "demo"):
         cfg = resolve(name, moco_weights, schedule)
         assert cfg.TRANSFER.EVALUATOR == task.evaluator and cfg.MODEL.WEIGHTS == str(moco_weights)
-        assert cfg.MODEL.BACKBONE.FREEZE_AT == 0 and cfg.INPUT.FORMAT == "RGB"
+        assert cfg.MODEL.BACKBONE.FREEZE_AT == (2 if task.protocol == "frozen BN" else 0)
+        assert cfg.INPUT.FORMAT == "RGB"
     if task.reference:
-        published = next(p for p in PUBLISHED if p.is_file())
-        rows = [r for r in csv.DictReader(published.open()) if (r["task"], r["schedule"]) == task.reference]
+        published = REPO / "results" / "published_results.csv"
+        rows = [r for r in csv.DictReader(published.open())
+                if (r["task"], r["schedule"], r["protocol"]) == (*task.reference, task.protocol)]
         assert rows and {r["metric"] for r in rows} <= set(task.metrics)
 
 
@@ -90,11 +91,67 @@ def test_extra_norm_head_is_built(moco_weights):
     assert len(res5) == 4  # three bottleneck blocks, then the norm
 
 
-def test_msra_weights_bring_their_own_settings(msra_weights):
-    cfg = resolve("voc07+12", msra_weights)
-    assert cfg.INPUT.FORMAT == "BGR" and list(cfg.MODEL.PIXEL_STD) == [1.0, 1.0, 1.0]
-    assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is True
-    assert cfg.MODEL.RESNETS.NORM == "FrozenBN" and cfg.MODEL.BACKBONE.FREEZE_AT == 2
+@pytest.fixture(scope="module")
+def torchvision_weights(tmp_path_factory):
+    """A plain torchvision ResNet-50 state dict (supervised style), converted by our converter."""
+    import torchvision
+
+    from transfer.convert import convert
+
+    folder = tmp_path_factory.mktemp("torchvision")
+    torch.save(torchvision.models.resnet50().state_dict(), folder / "resnet50.pth")
+    return convert(folder / "resnet50.pth").weights_path
+
+
+WEIGHTS_OWNED = {"MODEL.WEIGHTS", "MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD", "INPUT.FORMAT",
+                 "MODEL.RESNETS.STRIDE_IN_1X1"}
+
+
+def _flat(cfg, prefix=""):
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("task", ["voc07+12", "coco_c4_2x"])
+def test_every_weights_file_fine_tunes_under_the_tasks_protocol(task, moco_weights, torchvision_weights,
+                                                                msra_weights):
+    """MSRA, torchvision and MoCo weights: the same config apart from how pixels are fed, and that
+    config is the official moco/detection one (naiveSyncBN, FREEZE_AT 0, an extra trained norm)."""
+    from detectron2.modeling import build_model
+
+    configs = {name: resolve(task, weights) for name, weights in
+               (("msra", msra_weights), ("torchvision", torchvision_weights), ("moco", moco_weights))}
+    flat = {name: {k: v for k, v in _flat(cfg).items() if k not in WEIGHTS_OWNED}
+            for name, cfg in configs.items()}
+    assert flat["msra"] == flat["torchvision"] == flat["moco"]
+    assert configs["msra"].INPUT.FORMAT == "BGR" and configs["msra"].MODEL.RESNETS.STRIDE_IN_1X1 is True
+    assert configs["moco"].INPUT.FORMAT == configs["torchvision"].INPUT.FORMAT == "RGB"
+    for cfg in configs.values():  # the official Base-RCNN-C4-BN.yaml's protocol keys
+        assert cfg.MODEL.RESNETS.NORM == "naiveSyncBN" and cfg.MODEL.BACKBONE.FREEZE_AT == 0
+        assert cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeadsExtraNorm" and cfg.TEST.PRECISE_BN.ENABLED
+        assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR) == (16, 0.02)
+    # The extra norm after res5 is a trained BN, never an identity FrozenBatchNorm, for MSRA weights too.
+    cfg = configs["msra"].clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = ""
+    model = build_model(cfg)
+    extra = model.roi_heads.res5[-1]
+    assert isinstance(extra, torch.nn.BatchNorm2d) and extra.weight.requires_grad
+    assert all(p.requires_grad for p in model.backbone.parameters())  # FREEZE_AT 0: nothing frozen
+
+
+def test_a_frozen_bn_protocol_is_an_explicit_task_variant(moco_weights, msra_weights):
+    frozen = [resolve("lvis_v0.5_2x_frozenbn", w) for w in (moco_weights, msra_weights)]
+    for cfg in frozen:
+        assert cfg.MODEL.RESNETS.NORM == "FrozenBN" and cfg.MODEL.BACKBONE.FREEZE_AT == 2
+    tuned = resolve("lvis_v0.5_2x", msra_weights)
+    assert tuned.MODEL.RESNETS.NORM == "BN" and tuned.MODEL.BACKBONE.FREEZE_AT == 0  # SyncBN on one process
+    assert get_task("lvis_v0.5_2x_frozenbn").protocol != get_task("lvis_v0.5_2x").protocol
 
 
 def test_fpn_tasks_train_norm_in_backbone_and_fpn(moco_weights, caplog):
@@ -119,14 +176,44 @@ def test_quick_schedule_is_a_fraction_of_full(moco_weights):
 def test_gpu_scaling_follows_kaiming_hes_rule(moco_weights):
     kept = get_cfg()
     kept.SOLVER.IMS_PER_BATCH, kept.SOLVER.BASE_LR, kept.SOLVER.STEPS, kept.SOLVER.MAX_ITER = 16, 0.02, (18000, 22000), 24000
-    scaled = kept.clone()
-    ft.scale_for_gpus(kept, 4, None)  # memory allows: batch 16 over 4 GPUs, unchanged
+    kept.SOLVER.WARMUP_ITERS, kept.MODEL.RESNETS.NORM = 100, "naiveSyncBN"
+    scaled, small = kept.clone(), kept.clone()
+    assert ft.scale_for_gpus(kept, 4, None) == 1  # memory allows: batch 16 over 4 GPUs, unchanged
     assert (kept.SOLVER.IMS_PER_BATCH, kept.SOLVER.BASE_LR, kept.SOLVER.MAX_ITER) == (16, 0.02, 24000)
-    ft.scale_for_gpus(scaled, 1, 8)  # one GPU holding 8 images: batch 8, LR 0.01, 2x schedule
+    assert ft.scale_for_gpus(scaled, 1, 8) == 2  # one GPU holding 8 images: batch 8, LR 0.01, 2x schedule
     assert (scaled.SOLVER.IMS_PER_BATCH, scaled.SOLVER.BASE_LR) == (8, 0.01)
-    assert (scaled.SOLVER.STEPS, scaled.SOLVER.MAX_ITER) == ((36000, 44000), 48000)
+    assert (scaled.SOLVER.STEPS, scaled.SOLVER.MAX_ITER, scaled.SOLVER.WARMUP_ITERS) == ((36000, 44000), 48000, 200)
     with pytest.raises(UserError, match="--num-gpus 3"):
         ft.scale_for_gpus(get_cfg(), 3, None)
+    # Below 8 images per BN group only when asked for; then every halving scales LR and schedule.
+    with pytest.raises(UserError, match=r"batch 2, 2 images per BN group .*--allow-small-batch"):
+        ft.scale_for_gpus(small.clone(), 1, 2)
+    assert ft.scale_for_gpus(small, 1, 2, allow_small_batch=True) == 8
+    assert (small.SOLVER.IMS_PER_BATCH, small.SOLVER.BASE_LR, small.SOLVER.WARMUP_ITERS) == (2, 0.0025, 800)
+    assert ft.bn_group_images(small, 1) == 2
+
+
+def test_images_per_bn_group_follow_the_norm_kind():
+    cfg = get_cfg()
+    cfg.SOLVER.IMS_PER_BATCH = 16
+    cfg.MODEL.RESNETS.NORM, cfg.MODEL.FPN.NORM = "FrozenBN", ""
+    assert ft.bn_group_images(cfg, 8) is None  # no batch statistics anywhere
+    cfg.MODEL.FPN.NORM = "SyncBN"
+    assert ft.bn_group_images(cfg, 8) == 16  # synced over all GPUs
+    cfg.MODEL.RESNETS.NORM = "BN"
+    assert ft.bn_group_images(cfg, 8) == 2 and ft.bn_group_images(cfg, 1) == 16  # BN: one process's images
+
+
+def test_a_run_records_what_it_really_trained_with(moco_weights):
+    cfg = resolve("voc07+12", moco_weights, max_ims_per_gpu=8)
+    record = ft.provenance(cfg, get_task("voc07+12"), 1)
+    assert record["ims_per_batch"] == 8 and record["base_lr"] == 0.01 and record["warmup_iters"] == 200
+    assert record["max_iter"] == 48000 and record["steps"] == [36000, 44000]
+    assert record["protocol"] == "fine-tune" and record["norm"] == "naiveSyncBN" and record["freeze_at"] == 0
+    assert record["bn_group_images"] == 8 and record["small_batch"] is False
+    assert record["gpu_model"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
+    assert isinstance(record["detectron2_compiled"], bool)
+    assert record["git_commit"] is None or len(record["git_commit"].removesuffix("-dirty")) == 40
 
 
 def test_user_opts_come_last_and_bad_ones_are_clear(moco_weights):

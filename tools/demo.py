@@ -6,6 +6,7 @@
   3. train a tiny supervised ResNet-50 on the same images         tools/train_supervised.py
   4. convert both into detectron2 weights + config overlays       tools/convert_to_d2.py
   5. fine-tune both on the tasks' demo schedules, then report     tools/run_suite.py
+     (cityscapes_sem with 3 trials, so the report shows intervals and tests)
 
 Each step is a command a user could type; it is printed before it runs. Running the demo again
 resumes: steps whose results exist are skipped, and the suite skips finished runs. The numbers
@@ -36,6 +37,9 @@ SUPERVISED = ["--epochs", 2, "--image-size", 64, "--batch-size", 32, "--workers"
 # Every task (configs/schedules/, configs/semseg/demo_*.yaml); a 2x task's demo schedule is its 1x
 # task's, which the suite runs once for both.
 DEMO_TASKS = "all"
+# One task gets enough trials for the report's confidence intervals and t-tests (3 is the fewest
+# the report tests); the others run --trials times.
+STATS_TASK, STATS_TRIALS = "cityscapes_sem", 3
 
 
 def cores() -> int:
@@ -103,6 +107,7 @@ def main(argv=None):
     python, out, timings = sys.executable, args.output.resolve(), {}
     started = time.time()
 
+    from transfer import suite
     from transfer.datasets import demo
 
     print("==> demo datasets", flush=True)
@@ -126,8 +131,7 @@ def main(argv=None):
                                          "--arch", ARCH, *SUPERVISED, "--output", supervised_ckpt.parent],
              timings)
 
-    weights = {"moco_v2": out / "weights" / "moco_v2_demo.pkl",
-               "supervised": out / "weights" / "supervised_demo.pkl"}
+    weights = {label: out / path for label, path in suite.DEMO_WEIGHTS.items()}
     for (name, pkl), source in zip(weights.items(), (moco_ckpt, supervised_ckpt)):
         title = f"convert {name}"
         if pkl.exists() and pkl.stat().st_mtime >= source.stat().st_mtime:
@@ -136,17 +140,20 @@ def main(argv=None):
             step(title, [python, "tools/convert_to_d2.py", source, "--output", pkl], timings)
 
     suite_dir = out / "suite"
-    step("transfer suite", [python, "tools/run_suite.py", "--tasks", args.tasks,
-                            "--weights", f"moco_v2={weights['moco_v2']}",
-                            "--baseline", weights["supervised"], "--trials", args.trials,
-                            "--schedule", "demo", "--datasets", root, "--output", suite_dir], timings,
-         jobs=args.jobs, threads=max(1, cores() // args.jobs), logs=suite_dir)
+    run_suite = [python, "tools/run_suite.py", "--weights", f"{suite.DEMO_MOCO}={weights[suite.DEMO_MOCO]}",
+                 "--baseline", weights[suite.BASELINE], "--schedule", "demo", "--datasets", root,
+                 "--output", suite_dir]
+    parallel = dict(jobs=args.jobs, threads=max(1, cores() // args.jobs), logs=suite_dir)
+    step("transfer suite", [*run_suite, "--tasks", args.tasks, "--trials", args.trials], timings, **parallel)
+    if args.trials < STATS_TRIALS:  # the same output folder: the reports cover both steps' runs
+        step(f"{STATS_TASK}: {STATS_TRIALS} trials", [*run_suite, "--tasks", STATS_TASK, "--trials", STATS_TRIALS],
+             timings, **parallel)
 
     print("\n==> time per step")
     for title, seconds in timings.items():
         print(f"    {title:<28} {seconds / 60:6.1f} min")
     print(f"    {'total':<28} {(time.time() - started) / 60:6.1f} min")
-    print(f"\nReports: {suite_dir}/summary.md, summary.csv, runs.csv, deltas.png")
+    print(f"\nReports: {suite_dir}/summary.md, summary.csv, runs.csv, per_class.csv, deltas.png")
 
 
 def _finished_pretraining(checkpoint: Path) -> bool:

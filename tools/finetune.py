@@ -25,7 +25,9 @@ def main(argv=None):
     p.add_argument("--datasets", help="datasets root (default: $DETECTRON2_DATASETS or ./datasets)")
     p.add_argument("--num-gpus", type=int, default=1, help="processes per machine (GPUs; CPU processes without GPUs)")
     p.add_argument("--max-ims-per-gpu", type=int, help="images one GPU holds; fewer than the batch "
-                   "needs halves batch and LR and doubles the schedule (default: keep the batch)")
+                   "needs halves batch and LR and doubles iterations, steps and warm-up (default: keep the batch)")
+    p.add_argument("--allow-small-batch", action="store_true",
+                   help="let --max-ims-per-gpu go below 8 images per BN group (runs.csv marks such runs)")
     p.add_argument("--amp", action="store_true", help="mixed precision (GPU)")
     p.add_argument("--no-resume", action="store_true", help="start over even if --output has a checkpoint")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep model_*.pth after a successful run")
@@ -48,7 +50,8 @@ def main(argv=None):
     try:
         record = finetune(args.task, args.weights, args.schedule, args.seed, args.output, args.datasets,
                           args.num_gpus, args.opts, max_ims_per_gpu=args.max_ims_per_gpu, amp=args.amp,
-                          resume=not args.no_resume, keep_checkpoints=args.keep_checkpoints)
+                          resume=not args.no_resume, keep_checkpoints=args.keep_checkpoints,
+                          allow_small_batch=args.allow_small_batch)
     except RunFailed as e:
         print(f"error: run failed: {e} (record: {args.output}/metrics.json)", file=sys.stderr)
         sys.exit(1)

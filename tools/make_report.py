@@ -3,7 +3,7 @@
 
     python tools/make_report.py results/NAME
 
-writes results/NAME/{runs.csv, summary.csv, summary.md, deltas.png} and prints summary.md.
+writes results/NAME/{runs.csv, summary.csv, summary.md, per_class.csv, deltas.png} and prints summary.md.
 """
 import argparse
 from pathlib import Path
@@ -28,7 +28,7 @@ def main(argv=None):
         raise UserError(f"{args.output}: no <weights>/<task>/<schedule>/seed<N>/metrics.json found")
     written = report.write_reports(args.output, args.baseline, args.published)
     print(written.summary_md.read_text())
-    print(f"reports: {written.runs}, {written.summary_csv}, {written.summary_md}, {written.chart}")
+    print(f"reports: {written}")
 
 
 if __name__ == "__main__":

@@ -5,13 +5,15 @@
     torchrun --nproc_per_node 8 tools/pretrain_moco.py --preset v2 --data ... --output ...
 
 A preset (configs/pretrain/<name>.yaml) gives every setting; each flag overrides one. Without
---data the built-in demo images are used. Writes OUTPUT/checkpoint_last.pth.tar (official layout).
+--data the built-in demo images are used. With neither --preset nor --data: the demo preset on
+a machine without a GPU (a CPU run of a minute or two), an error on one with a GPU. Writes
+OUTPUT/checkpoint_last.pth.tar (official layout).
 """
 import argparse
 
 import torch.distributed
 
-from transfer.errors import cli
+from transfer.errors import UserError, cli
 from transfer.pretrain.engine import load_config, pretrain
 
 FLAG = argparse.BooleanOptionalAction
@@ -19,7 +21,8 @@ FLAG = argparse.BooleanOptionalAction
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="v2", help="v1, v2, demo, or a YAML file (default v2)")
+    p.add_argument("--preset", help="v1, v2, demo, or a YAML file (default: v2 with --data; without "
+                                     "--data, demo on a machine without a GPU)")
     p.add_argument("--data", help="root with train/<class>/*.jpg (val/ for the k-NN monitor); default: demo images")
     p.add_argument("--output", default="output/pretrain", help="run folder (checkpoint, logs, figures)")
     p.add_argument("--resume", help="checkpoint to continue from (ours or the official code's)")
@@ -57,9 +60,29 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def choose_preset(preset, data, device, gpu: bool) -> tuple[str, str | None]:
+    """The preset a run uses and, when it was not asked for, the line that says why.
+
+    The v2 preset on the demo images would run for hours on a CPU: with neither --preset nor
+    --data, a CPU gets the demo preset and a GPU gets an error naming what to pass.
+    """
+    if preset is not None:
+        return preset, None
+    if data is not None:
+        return "v2", None
+    if gpu and device != "cpu":
+        raise UserError("no --data: pass --data DIR (an ImageFolder root with train/<class>/*.jpg) "
+                        "with --preset v1 or v2, or --preset demo for the built-in demo images")
+    return "demo", ("no GPU and no --preset/--data: running the demo preset on the built-in demo "
+                    "images (pass --preset v2 --data DIR for ImageNet settings)")
+
+
 @cli
 def main(argv=None):
     args = vars(parse_args(argv))
+    args["preset"], note = choose_preset(args["preset"], args["data"], args["device"], torch.cuda.is_available())
+    if note:
+        print(note, flush=True)
     checkpoint = pretrain(load_config(**args))
     if torch.distributed.is_initialized():  # under torchrun: one line from rank 0, then a clean exit
         rank = torch.distributed.get_rank()

@@ -3,11 +3,18 @@
 
     python tools/run_suite.py --tasks voc07+12,coco_fpn_1x --weights moco.pkl \\
         --baseline R-50.pkl --trials 5 --schedule full --output results/moco [--num-gpus 8]
+    python tools/run_suite.py --tasks voc,coco --schedule demo    # the demo's weights, demo data
+
+--tasks takes task names and families (voc, coco, lvis, cityscapes, semseg, all). A task whose
+data is missing while its fallback's is there (LVIS v1 -> v0.5, voc_sem -> voc_sem_train) runs
+the fallback, in a folder of that name, and the plan says so. Without --weights, the newest
+weights of a demo or pre-training run under results/ (or output/pretrain/) are used, and with
+the demo's, its supervised weights as --baseline; --output defaults to results/<label>-<schedule>.
 
 Every (weights, task, trial) is one run with its own folder under --output; running the same
 command again skips finished runs and re-runs failed or interrupted ones; a run whose resolved
 config equals another's (the 1x and 2x tasks' demo schedules) reuses that run's result. The
-reports (runs.csv, summary.csv, summary.md, deltas.png) are rewritten at the end;
+reports (runs.csv, summary.csv, summary.md, per_class.csv, deltas.png) are rewritten at the end;
 tools/make_report.py rewrites them at any time. With --schedule demo and no --datasets, the
 built-in demo datasets are used.
 """
@@ -18,15 +25,18 @@ from pathlib import Path
 
 from transfer import report, suite
 from transfer.errors import UserError, cli
+from transfer.tasks import ALL, FAMILIES
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", required=True,
-                   help="comma-separated task names or custom dataset YAML files, or all")
-    p.add_argument("--weights", required=True, nargs="+", metavar="[LABEL=]FILE",
+                   help=f"comma-separated task names, families ({', '.join([*FAMILIES, ALL])}) "
+                        "or custom dataset YAML files")
+    p.add_argument("--weights", nargs="+", metavar="[LABEL=]FILE",
                    help="weights to evaluate: detectron2 .pkl, or a checkpoint to convert "
-                        "(MoCo, torchvision); labelled by file name unless LABEL= is given")
+                        "(MoCo, torchvision); labelled by file name unless LABEL= is given "
+                        "(default: the newest demo / pre-training weights under results/)")
     p.add_argument("--baseline", metavar="FILE",
                    help=f"supervised ImageNet weights (torchvision .pth or detectron2 / MSRA .pkl), "
                         f"labelled '{suite.BASELINE}' and compared against")
@@ -35,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--schedule", default="full",
                    help="full (the paper's), quick (1/8 of it) or demo (built-in demo data, CPU); "
                         "a custom dataset YAML with its own schedule adds 'custom'")
-    p.add_argument("--output", required=True, type=Path, help="suite folder, e.g. results/NAME")
+    p.add_argument("--output", type=Path,
+                   help="suite folder (default: results/<label of the first weights>-<schedule>)")
     p.add_argument("--datasets", type=Path,
                    help="datasets root (default: $DETECTRON2_DATASETS; the demo data for --schedule demo)")
     p.add_argument("--num-gpus", type=int, default=1, help="GPUs per run")
@@ -82,24 +93,49 @@ def _stop(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (kill, scancel) stops the run in progress like Ctrl-C
 
 
+def default_weights(args, root) -> None:
+    """Without --weights: the newest demo / pre-training weights under ``root``, said on the first line.
+
+    With the demo's weights and no --baseline, the demo's supervised weights become the baseline.
+    """
+    found = suite.find_default_weights(root)
+    if found is None:
+        raise UserError(f"no --weights given, and no weights of a demo or pre-training run under "
+                        f"{root}: pass --weights FILE (a detectron2 .pkl or a MoCo checkpoint)")
+    spec, baseline = found
+    args.weights = [spec]
+    print(f"weights: {spec} (no --weights: the newest demo / pre-training weights)", file=sys.stderr)
+    if args.baseline is None and baseline is not None:
+        args.baseline = baseline
+        print(f"baseline: {baseline} (no --baseline: the demo's supervised weights)", file=sys.stderr)
+
+
 @cli
-def main(argv=None):
+def main(argv=None, root=suite.REPO):
+    """``root``: where default weights are looked for and the default --output goes."""
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _stop)
-    tasks = suite.resolve_tasks(args.tasks, args.schedule)
+    suite.expand_tasks(args.tasks)  # a misspelt task fails before anything is looked for or generated
+    if not args.weights:
+        default_weights(args, Path(root))
+    if args.output is None:
+        args.output = Path(root) / "results" / f"{suite.weights_label(args.weights[0])}-{args.schedule}"
+        print(f"output: {args.output} (no --output)", file=sys.stderr)
+    datasets = datasets_root(args)
+    notes = []
+    tasks = suite.resolve_tasks(args.tasks, args.schedule, datasets, notes)
     weights = [suite.prepare_weights(w, args.output) for w in args.weights]
     if any(w.label == suite.BASELINE for w in weights):
         raise UserError(f"--weights: the label '{suite.BASELINE}' is reserved for --baseline")
     if args.baseline:
-        weights.insert(0, suite.prepare_weights(args.baseline, args.output, label=suite.BASELINE))
-    datasets = datasets_root(args)
+        weights.insert(0, suite.prepare_weights(str(args.baseline), args.output, label=suite.BASELINE))
     launcher = make_launcher(args, datasets)
     suite.check_datasets(tasks, datasets)
     runs = suite.plan(weights, tasks, args.schedule, args.trials, args.output)
     suite.check_settings(args.output, args.opts)
     repeats = suite.repeated_runs(runs, args.num_gpus, datasets, args.opts)
     try:
-        outcomes = suite.run_suite(runs, launcher, repeats=repeats)
+        outcomes = suite.run_suite(runs, launcher, repeats=repeats, notes=notes)
     except KeyboardInterrupt:
         print("\nstopped: finished runs are kept; run the same command again to resume",
               file=sys.stderr)
@@ -107,7 +143,7 @@ def main(argv=None):
 
     written = report.write_reports(args.output, baseline=suite.BASELINE)
     print(written.summary_md.read_text())
-    print(f"reports: {written.runs}, {written.summary_csv}, {written.summary_md}, {written.chart}")
+    print(f"reports: {written}")
     unfinished = [o for o in outcomes if o.status != "ok"]
     if unfinished:
         print(f"{len(unfinished)} run(s) did not succeed: " + ", ".join(o.run.name for o in unfinished),

@@ -9,10 +9,10 @@ fails silently (torchvision-style weights fed BGR 0..255 pixels lose many AP poi
 
 - pixels: RGB, ImageNet mean / std scaled to 0..255 (detectron2's defaults are the MSRA/caffe ones);
 - RESNETS.STRIDE_IN_1X1 False (torchvision strides in the 3x3 conv), DEPTH and widths from the weights;
-- RESNETS.NORM: SyncBN by default, as in the MoCo paper (BN statistics are trained, not frozen,
-  hence BACKBONE.FREEZE_AT 0); GN when the weights have no running statistics. SyncBN needs a
-  process group: on a single process the fine-tuning runner (transfer/finetune.py) swaps it for BN
-  with a warning; the verification here builds BN in its place, which has the same tensors.
+- RESNETS.NORM: the kind of norm layer the tensors fill: SyncBN by default (BN with running
+  statistics), GN when the weights have none. Only GN binds fine-tuning: which BN kind a task
+  trains with, and how much of the backbone it freezes, is the task's protocol (``weights_settings``).
+  The verification here builds BN in place of SyncBN: the same tensors, no process group needed.
 
 Before anything is written the output is verified: detectron2's ResNet is built from the overlay and
 must be filled exactly (every tensor consumed, every parameter and buffer present, every shape equal).
@@ -36,13 +36,14 @@ DEFAULT_NORM = "SyncBN"  # the MoCo paper's choice
 
 # How a family of weights expects to be fed (detectron2 config keys). detectron2's own defaults are
 # the MSRA (Caffe2) ones; every torchvision-trained ResNet, MoCo's included, needs the first set.
+# MSRA files hold BN folded into a scale and a bias (detectron2 loads them as FrozenBN); that is
+# what the file holds, not how to fine-tune it: the task decides (``weights_settings``).
 STYLES = {
     "torchvision": {
         "MODEL.PIXEL_MEAN": [123.675, 116.28, 103.53],
         "MODEL.PIXEL_STD": [58.395, 57.12, 57.375],
         "INPUT.FORMAT": "RGB",
         "MODEL.RESNETS.STRIDE_IN_1X1": False,
-        "MODEL.BACKBONE.FREEZE_AT": 0,
     },
     "msra": {
         "MODEL.PIXEL_MEAN": [103.53, 116.28, 123.675],
@@ -50,9 +51,14 @@ STYLES = {
         "INPUT.FORMAT": "BGR",
         "MODEL.RESNETS.STRIDE_IN_1X1": True,
         "MODEL.RESNETS.NORM": "FrozenBN",
-        "MODEL.BACKBONE.FREEZE_AT": 2,
     },
 }
+# The keys a weights file decides when it is fine-tuned: how its pixels are fed and the shape of
+# its ResNet. Everything else an overlay may name (the BN kind, FREEZE_AT, ...) is the fine-tuning
+# protocol, which the task owns, so that every weights file of a suite runs the same protocol.
+WEIGHTS_KEYS = ("MODEL.WEIGHTS", "MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD", "INPUT.FORMAT",
+                "MODEL.RESNETS.STRIDE_IN_1X1", "MODEL.RESNETS.DEPTH", "MODEL.RESNETS.STEM_OUT_CHANNELS",
+                "MODEL.RESNETS.RES2_OUT_CHANNELS", "MODEL.RESNETS.NUM_GROUPS", "MODEL.RESNETS.WIDTH_PER_GROUP")
 # ``__author__`` of detectron2 weight files found without an overlay -> their style. "Caffe2" is what
 # detectron2 calls Caffe2/Detectron1 blob files such as ImageNetPretrained/MSRA/R-50.pkl; "torchvision"
 # and "MOCO" are written by detectron2's and the official MoCo repository's converters.
@@ -83,8 +89,8 @@ class Conversion:
         """A few lines for the command line: layout, tensors kept / dropped, output paths."""
         overlay = self.overlay
         settings = ", ".join(f"{key.rsplit('.', 1)[-1]} {overlay[key]}" for key in (
-            "MODEL.RESNETS.DEPTH", "MODEL.RESNETS.NORM", "INPUT.FORMAT", "MODEL.RESNETS.STRIDE_IN_1X1",
-            "MODEL.BACKBONE.FREEZE_AT") if key in overlay)
+            "MODEL.RESNETS.DEPTH", "MODEL.RESNETS.NORM", "INPUT.FORMAT", "MODEL.RESNETS.STRIDE_IN_1X1")
+            if key in overlay)
         if self.author is not None:
             lines = [f"layout:   detectron2 weights (author {self.author!r}): already converted, nothing written",
                      f"weights:  {self.weights_path} ({len(self.kept)} tensors)"]
@@ -106,9 +112,9 @@ class Conversion:
             f"weights:  {self.weights_path}",
             f"overlay:  {self.overlay_path} ({settings})",
         ]
-        if overlay.get("MODEL.RESNETS.NORM") == "SyncBN":
-            lines.append("note:     SyncBN needs one process per GPU; on a single process fine-tuning "
-                         "uses BN instead (with a warning)")
+        if overlay.get("MODEL.RESNETS.NORM") != "GN":
+            lines.append("note:     the BN kind and FREEZE_AT are each task's protocol (the same for every "
+                         "weights file); these weights decide only pixels, strides and the ResNet's shape")
         return "\n".join(lines)
 
 
@@ -201,8 +207,8 @@ def _flat(nested: dict, prefix="") -> dict:
 def _overlay_yaml(overlay: dict, source: Path, layout: str) -> str:
     header = (
         f"# detectron2 config overlay for {Path(overlay['MODEL.WEIGHTS']).name}, written by tools/convert_to_d2.py\n"
-        f"# from {source} (layout {layout}). Merge it after a task's base config.\n"
-        "# SyncBN needs a process group: on one process transfer/finetune.py uses BN instead.\n"
+        f"# from {source} (layout {layout}). Fine-tuning merges the keys the weights decide (pixels,\n"
+        "# strides, the ResNet's shape; NORM only when GN) after a task's config: the task keeps its protocol.\n"
     )
     return header + yaml.safe_dump(_nested(overlay), sort_keys=False, default_flow_style=None)
 
@@ -222,7 +228,7 @@ def backbone_from_overlay(overlay: dict):
     norm = settings.get("MODEL.RESNETS.NORM", cfg.MODEL.RESNETS.NORM)
     settings["MODEL.RESNETS.NORM"] = _SAME_TENSORS_AS.get(norm, norm)
     settings["MODEL.RESNETS.OUT_FEATURES"] = ["res2", "res3", "res4", "res5"]  # else stages past res4 are not built
-    settings["MODEL.BACKBONE.FREEZE_AT"] = overlay.get("MODEL.BACKBONE.FREEZE_AT", cfg.MODEL.BACKBONE.FREEZE_AT)
+    settings["MODEL.BACKBONE.FREEZE_AT"] = 0  # frozen stages would turn BN into FrozenBN, which has other buffers
     cfg.merge_from_list([item for pair in settings.items() for item in pair])
     try:
         return build_resnet_backbone(cfg, ShapeSpec(channels=3))
@@ -299,12 +305,25 @@ def convert(ckpt_path, output=None, norm: str | None = None) -> Conversion:
     return Conversion(weights_path.resolve(), overlay_path.resolve(), layout.name, sorted(weights), dropped, overlay)
 
 
+def weights_settings(overlay: dict) -> tuple[dict, dict]:
+    """(the settings the weights decide, the overlay's other settings, which fine-tuning ignores).
+
+    The norm is the weights' only when it is GN: GN weights have no BN statistics to fill a BN
+    layer with. A BN kind (SyncBN, BN, FrozenBN, ...) is a protocol choice the task makes.
+    """
+    kept = {key: value for key, value in overlay.items() if key in WEIGHTS_KEYS}
+    if overlay.get("MODEL.RESNETS.NORM") == "GN":
+        kept["MODEL.RESNETS.NORM"] = "GN"
+    return kept, {key: value for key, value in overlay.items() if key not in kept}
+
+
 def load_overlay(weights_path) -> dict:
     """detectron2 config keys -> values to use with a weights file.
 
     The overlay YAML beside the weights when there is one; otherwise settings inferred from a
     detectron2 weights file whose author is known (MSRA/Caffe2 files: BGR, caffe pixel statistics,
-    STRIDE_IN_1X1, FrozenBN, FREEZE_AT 2). MODEL.WEIGHTS is always the given file's absolute path.
+    STRIDE_IN_1X1, FrozenBN). MODEL.WEIGHTS is always the given file's absolute path. Fine-tuning
+    takes only ``weights_settings`` of it.
     """
     path = Path(weights_path)
     if not path.is_file():

@@ -3,12 +3,14 @@
 The config is resolved in layers, each overriding the one before:
 
 1. the task's YAML (configs/detection/..., over detectron2's model zoo) and its datasets;
-2. the weights' overlay (``transfer.convert.load_overlay``: pixel mean/std, INPUT.FORMAT,
-   STRIDE_IN_1X1, depth, norm family, FREEZE_AT) -- the settings the weights were trained with;
+2. what the weights decide (``transfer.convert.weights_settings`` of their overlay: pixel mean/std,
+   INPUT.FORMAT, STRIDE_IN_1X1, depth and widths, GN): the task keeps its protocol (BN kind,
+   FREEZE_AT, heads), so every weights file of a suite fine-tunes the same way;
 3. the schedule (``full`` / ``quick`` / ``demo``, see transfer/tasks);
-4. the GPU count, by Kaiming He's rule for the MoCo configs (moco issue #11): keep
-   IMS_PER_BATCH 16 when memory allows (SyncBN makes it equivalent); otherwise halve the batch and
-   the LR and double the iterations (``max_ims_per_gpu`` says how many images one GPU holds);
+4. the GPU count, by Kaiming He's rule for the MoCo configs: keep IMS_PER_BATCH 16 when memory
+   allows (SyncBN makes it equivalent); otherwise halve the batch and the LR and double the
+   iterations, LR steps and warm-up (``max_ims_per_gpu`` says how many images one GPU holds),
+   down to ``MIN_BN_GROUP`` images per BN group (below it only with ``allow_small_batch``);
 5. the user's ``opts`` (detectron2 ``KEY VALUE`` pairs);
 6. what one process can run: SyncBN needs a process group, so a single process uses BN (with a
    warning) and CPU processes use naiveSyncBN (torch's SyncBN runs on GPUs only).
@@ -23,6 +25,7 @@ import importlib
 import importlib.metadata
 import logging
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -35,19 +38,16 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from transfer import fileio
-from transfer.convert import load_overlay
+from transfer.convert import load_overlay, weights_settings
 from transfer.d2 import evaluation
 from transfer.d2.config import get_cfg, merge_config_file
 from transfer.d2.launch import launch
 from transfer.errors import UserError
-from transfer.tasks import REPO, Task, get_task
+from transfer.tasks import MIN_BN_GROUP, REPO, Task, get_task
 
 logger = logging.getLogger("transfer.finetune")
 
-# BN variants with the same tensors: the task's config picks among them (the paper's choice per
-# model); a weights overlay naming one of them only says "trainable BN". FrozenBN / GN in an
-# overlay are a property of the weights and win.
-TRAINABLE_BN = {"BN", "SyncBN", "naiveSyncBN", "nnSyncBN"}
+SYNCED_BN = {"SyncBN", "naiveSyncBN", "naiveSyncBN_N", "nnSyncBN"}
 
 
 class RunFailed(RuntimeError):
@@ -63,6 +63,13 @@ class RunFailed(RuntimeError):
 
 def _dotted(flat: dict) -> list:
     return [x for key, value in flat.items() for x in (key, value)]
+
+
+def _value(cfg: CfgNode, key: str):
+    """``cfg``'s value at a dotted key, or None."""
+    for part in key.split("."):
+        cfg = cfg.get(part) if isinstance(cfg, CfgNode) else None
+    return cfg
 
 
 def _call(spec: str, *args):
@@ -88,25 +95,54 @@ def _scale_iterations(cfg: CfgNode, factor: float) -> None:
     cfg.SOLVER.CHECKPOINT_PERIOD = max(1, round(cfg.SOLVER.CHECKPOINT_PERIOD * factor))
 
 
-def scale_for_gpus(cfg: CfgNode, num_gpus: int, max_ims_per_gpu: int | None) -> None:
-    """Kaiming He's rule: keep the batch if it fits, else halve batch and LR, double the schedule."""
+def scale_for_gpus(cfg: CfgNode, num_gpus: int, max_ims_per_gpu: int | None,
+                   allow_small_batch: bool = False) -> int:
+    """Kaiming He's rule for the MoCo configs: keep the batch if it fits; else halve the batch and
+    the LR and double the schedule (iterations, LR steps and warm-up), as often as memory needs,
+    but never below ``MIN_BN_GROUP`` images per BN group unless ``allow_small_batch``.
+    Returns the factor the schedule was stretched by (1: unchanged)."""
     batch = cfg.SOLVER.IMS_PER_BATCH
     if batch % num_gpus:
         raise UserError(f"--num-gpus {num_gpus}: SOLVER.IMS_PER_BATCH {batch} must be a multiple of it")
-    halvings = 0
+    factor = 1
     while max_ims_per_gpu and batch // num_gpus > max_ims_per_gpu:
         if batch % 2 or (batch // 2) % num_gpus:
             raise UserError(f"--max-ims-per-gpu {max_ims_per_gpu}: cannot split IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} "
                             f"over {num_gpus} GPUs by halving it")
-        batch //= 2
-        halvings += 1
-    if halvings:
-        factor = 2 ** halvings
-        logger.info("%d GPU(s) x %d images: IMS_PER_BATCH %d -> %d, BASE_LR / %d, schedule x %d",
-                    num_gpus, max_ims_per_gpu, cfg.SOLVER.IMS_PER_BATCH, batch, factor, factor)
-        cfg.SOLVER.IMS_PER_BATCH = batch
-        cfg.SOLVER.BASE_LR /= factor
-        _scale_iterations(cfg, factor)
+        batch, factor = batch // 2, factor * 2
+    if factor == 1:
+        return 1
+    group = bn_group_images(cfg, num_gpus, batch)
+    if group is not None and group < MIN_BN_GROUP and not allow_small_batch:
+        raise UserError(f"--max-ims-per-gpu {max_ims_per_gpu}: {num_gpus} GPU(s) would train batch {batch}, "
+                        f"{group} images per BN group (fewer than {MIN_BN_GROUP}: not the paper's protocol); "
+                        "use more GPUs (--num-gpus), or pass --allow-small-batch (its runs are marked in the reports)")
+    logger.info("%d GPU(s) x %d images: IMS_PER_BATCH %d -> %d, BASE_LR / %d, iterations, steps and warm-up x %d",
+                num_gpus, max_ims_per_gpu, cfg.SOLVER.IMS_PER_BATCH, batch, factor, factor)
+    cfg.SOLVER.IMS_PER_BATCH = batch
+    cfg.SOLVER.BASE_LR /= factor
+    _scale_iterations(cfg, factor)
+    cfg.SOLVER.WARMUP_ITERS = round(cfg.SOLVER.WARMUP_ITERS * factor)
+    return factor
+
+
+def _norms(node: CfgNode, prefix: str = ""):
+    """(dotted key, node, value) of every ``NORM`` key of the config."""
+    for key, value in node.items():
+        if isinstance(value, CfgNode):
+            yield from _norms(value, f"{prefix}{key}.")
+        elif key == "NORM":
+            yield f"{prefix}{key}", node, value
+
+
+def bn_group_images(cfg: CfgNode, num_gpus: int, batch: int | None = None) -> int | None:
+    """Images one BN layer computes its statistics over (the smallest over the model's norms); None
+    when no norm uses batch statistics (FrozenBN, GN). Synced BN (and BN on one process) sees the
+    whole batch; plain BN on several processes sees one process's images."""
+    batch = batch or cfg.SOLVER.IMS_PER_BATCH
+    groups = [batch if value in SYNCED_BN or num_gpus == 1 else batch // num_gpus
+              for _, _, value in _norms(cfg) if value in SYNCED_BN | {"BN"}]
+    return min(groups, default=None)
 
 
 def _fit_norms(cfg: CfgNode, num_gpus: int, on_gpu: bool) -> None:
@@ -116,16 +152,10 @@ def _fit_norms(cfg: CfgNode, num_gpus: int, on_gpu: bool) -> None:
         replacement, why = "naiveSyncBN", "torch's SyncBN runs on GPUs only; naiveSyncBN syncs over gloo"
     else:
         return
-
-    def walk(node: CfgNode, prefix: str):
-        for key, value in node.items():
-            if isinstance(value, CfgNode):
-                walk(value, f"{prefix}{key}.")
-            elif key == "NORM" and value == "SyncBN":
-                logger.warning("%s%s: %s: using %s", prefix, key, why, replacement)
-                node[key] = replacement
-
-    walk(cfg, "")
+    for key, node, value in list(_norms(cfg)):
+        if value == "SyncBN":
+            logger.warning("%s: %s: using %s", key, why, replacement)
+            node["NORM"] = replacement
 
 
 def task_config(task: Task) -> CfgNode:
@@ -138,19 +168,22 @@ def task_config(task: Task) -> CfgNode:
 
 
 def resolve_config(task: Task, weights, schedule: str, seed: int = 0, output_dir=".", num_gpus: int = 1,
-                   opts=(), max_ims_per_gpu: int | None = None, amp: bool = False) -> CfgNode:
+                   opts=(), max_ims_per_gpu: int | None = None, amp: bool = False,
+                   allow_small_batch: bool = False) -> CfgNode:
     """The detectron2 config one run trains with (see the module docstring for the layers)."""
     cfg = task_config(task)
     cfg.merge_from_list(_dotted(dict(task.overrides)))
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = tuple(task.train), tuple(task.test)
 
-    overlay = load_overlay(weights)
-    if overlay.get("MODEL.RESNETS.NORM") in TRAINABLE_BN and cfg.MODEL.RESNETS.NORM in TRAINABLE_BN:
-        overlay.pop("MODEL.RESNETS.NORM")
-    cfg.merge_from_list(_dotted(overlay))
+    owned, others = weights_settings(load_overlay(weights))
+    protocol = {key: value for key, value in others.items() if _value(cfg, key) not in (value, None)}
+    if protocol:
+        logger.info("%s: the task's protocol replaces the weights' %s", Path(weights).name,
+                    ", ".join(f"{key} {value}" for key, value in protocol.items()))
+    cfg.merge_from_list(_dotted(owned))
 
     apply_schedule(cfg, task, schedule)
-    scale_for_gpus(cfg, num_gpus, max_ims_per_gpu)
+    scale_for_gpus(cfg, num_gpus, max_ims_per_gpu, allow_small_batch)
     try:
         cfg.merge_from_list(list(opts))
     except (AssertionError, KeyError, ValueError) as e:
@@ -213,22 +246,16 @@ def check_datasets(task: Task, cfg: CfgNode, datasets_root=None) -> None:
 
 
 def _resolve_task(task: Task, datasets_root) -> Task:
-    """The task, or its fallback when only the fallback's datasets are on disk (LVIS v1 -> v0.5)."""
-    from transfer.datasets import catalog
+    """The task that runs (``transfer.tasks.resolve_fallback``), saying so when it is the fallback.
 
-    if not task.fallback:
-        return task
-    try:
-        catalog.check([*task.train, *task.test], datasets_root)
-        return task
-    except UserError as missing:
-        fallback = get_task(task.fallback)
-        try:
-            catalog.check([*fallback.train, *fallback.test], datasets_root)
-        except UserError:
-            raise missing from None
-        logger.warning("%s: not on disk, but %s is: running task %s", missing, fallback.train[0], fallback.name)
-        return fallback
+    The suite resolves fallbacks when it plans; this is for a run started alone.
+    """
+    from transfer.tasks import fallback_note, resolve_fallback
+
+    ran = resolve_fallback(task, datasets_root)
+    if ran is not task:
+        logger.warning(fallback_note(task, ran, datasets_root))
+    return ran
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +271,31 @@ def versions() -> dict:
         ours = None
     return {"python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "detectron2": detectron2.__version__, "moco_transfer": ours}
+
+
+def git_commit() -> str | None:
+    """The project's git commit (``-dirty`` with uncommitted changes to tracked files), if a checkout."""
+    def git(*args):
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "-dirty"
+    return commit
+
+
+def provenance(cfg: CfgNode, task: Task, num_gpus: int) -> dict:
+    """What a run really trained with, after every scaling rule: the columns a reviewer asks for."""
+    group = bn_group_images(cfg, num_gpus)
+    return {
+        "protocol": task.protocol, "norm": cfg.MODEL.RESNETS.NORM, "freeze_at": cfg.MODEL.BACKBONE.FREEZE_AT,
+        "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH, "base_lr": cfg.SOLVER.BASE_LR,
+        "max_iter": cfg.SOLVER.MAX_ITER, "steps": list(cfg.SOLVER.STEPS), "warmup_iters": cfg.SOLVER.WARMUP_ITERS,
+        "bn_group_images": group, "small_batch": group is not None and group < MIN_BN_GROUP,
+        "gpu_model": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "detectron2_compiled": d2compat.has_compiled_ops(), "git_commit": git_commit(),
+    }
 
 
 def _train_and_evaluate(cfg: CfgNode, datasets_root, resume: bool) -> dict:
@@ -296,7 +348,7 @@ def _worker(cfg: CfgNode, datasets_root, resume: bool, result_path: str):
 
 def finetune(task, weights, schedule: str | None, seed: int, output_dir, datasets_root=None, num_gpus: int = 1,
              opts=(), *, max_ims_per_gpu: int | None = None, amp: bool = False, resume: bool = True,
-             keep_checkpoints: bool = False) -> dict:
+             keep_checkpoints: bool = False, allow_small_batch: bool = False) -> dict:
     """Run one fine-tuning run; write and return its metrics.json record.
 
     ``task``: a Task, a task name or a custom dataset YAML; ``schedule`` None: the task's default
@@ -329,9 +381,11 @@ def finetune(task, weights, schedule: str | None, seed: int, output_dir, dataset
 
         catalog.register_all(datasets_root)
         task = _resolve_task(task, datasets_root)
-        cfg = resolve_config(task, weights, schedule, seed, output_dir, num_gpus, opts, max_ims_per_gpu, amp)
+        cfg = resolve_config(task, weights, schedule, seed, output_dir, num_gpus, opts, max_ims_per_gpu, amp,
+                             allow_small_batch)
         record.update(config=cfg.dump(), precision="amp" if cfg.SOLVER.AMP.ENABLED else "fp32",
-                      dataset_split={"train": list(task.train), "test": list(task.test)})
+                      dataset_split={"train": list(task.train), "test": list(task.test)},
+                      provenance=provenance(cfg, task, num_gpus))
         if task.name != task_name:
             record["task_variant"] = task.name
         if task.notes:
@@ -359,6 +413,7 @@ def finetune(task, weights, schedule: str | None, seed: int, output_dir, dataset
         status="ok",
         metrics=evaluation.headline_metrics(task.evaluator, results, task.metrics),
         all_metrics=results,
+        per_class=evaluation.per_class(task.evaluator, results),
         s_per_iter=result["s_per_iter"],
         wall_time_s=time.time() - start,
         peak_memory_mb=result["peak_memory_mb"],

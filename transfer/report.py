@@ -4,15 +4,21 @@ A suite's output folder holds one folder per run, ``<weights>/<task>/<schedule>/
 (see transfer/suite.py), each with the ``metrics.json`` that ``tools/finetune.py`` wrote. From those
 files alone this module writes:
 
-- ``runs.csv``     long format: one row per (run, metric), with the run's timings and versions;
-                   a failed run is one row with its error and no metric.
-- ``summary.csv``  per weights x task x schedule x metric: mean, std (over trials), n (trials that
-                   have the metric), failed (trials that failed), delta against the supervised
-                   baseline, and the published reference numbers for the same task and schedule.
-- ``summary.md``   the same table in Markdown, plus the list of failed runs.
-- ``deltas.png``   a bar chart of the deltas against the baseline (the paper's green / red).
+- ``runs.csv``      long format: one row per (run, metric), with the run's provenance (batch, LR and
+                    iterations after any scaling, protocol, GPUs, versions, git commit);
+                    a failed run is one row with its error and no metric.
+- ``summary.csv``   per weights x task x schedule x metric: mean, std, n (trials that have the
+                    metric), the mean's 95% interval, failed (trials that failed); against the
+                    supervised baseline the delta, its 95% interval, p-value, test and whether it is
+                    significant (transfer/stats.py); the published numbers of the same task,
+                    schedule and protocol.
+- ``per_class.csv`` per weights x task x schedule x class: mean AP (IoU) over trials, delta vs baseline.
+- ``summary.md``    the table in Markdown, the published numbers, the classes that gained or lost
+                    most, and the failed runs.
+- ``deltas.png``    a bar chart of the deltas against the baseline (the paper's green / red).
 
 Failed runs are never averaged, and a metric a run did not report stays missing (never zero).
+A run that fell back to another task (LVIS v1 -> v0.5) is reported under the task that ran.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from transfer import stats
 from transfer.fileio import atomic_write_bytes, atomic_write_text
 
 PUBLISHED_CSV = Path(__file__).resolve().parent.parent / "results" / "published_results.csv"
@@ -32,8 +39,14 @@ KEYS = ["weights", "task", "schedule"]
 # metrics.json fields copied into runs.csv beside each metric (absent fields stay empty).
 RUN_FIELDS = ["s_per_iter", "wall_time_s", "iterations", "num_gpus", "precision", "peak_memory_mb",
               "weights_path", "weights_sha256", "same_run_as"]
+# metrics.json "provenance" fields (transfer/finetune.py): what the run really trained with.
+PROVENANCE = ["protocol", "norm", "freeze_at", "ims_per_batch", "base_lr", "max_iter", "warmup_iters",
+              "bn_group_images", "small_batch", "gpu_model", "detectron2_compiled", "git_commit"]
 HATCHES = ["", "//", "..", "xx", "\\\\", "++"]
 VERSIONS = ["python", "torch", "torchvision", "detectron2", "moco_transfer"]
+SUMMARY = KEYS + ["metric", "mean", "std", "n", "ci_low", "ci_high", "failed",
+                  "delta", "delta_ci_low", "delta_ci_high", "p_value", "test", "significant"]
+TOP_CLASSES = 5  # per task and weights, the classes with the largest gains and losses in summary.md
 
 
 @dataclass
@@ -42,6 +55,11 @@ class Report:
     summary_csv: Path
     summary_md: Path
     chart: Path
+    per_class: Path
+
+    def __str__(self) -> str:
+        return ", ".join(str(path) for path in (self.runs, self.summary_csv, self.summary_md,
+                                                self.per_class, self.chart))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,20 +72,35 @@ def _number(value):
     return float(value)
 
 
-def _run_rows(path: Path, output: Path) -> list[dict]:
-    rel = path.parent.relative_to(output)
-    weights, task, schedule, seed_dir = rel.parts[-4:]
-    run = {"weights": weights, "task": task, "schedule": schedule,
-           "seed": int(seed_dir.removeprefix("seed")), "run_dir": rel.as_posix()}
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        return [{**run, "status": "failed", "error": f"unreadable metrics.json: {e}",
-                 "metric": None, "value": None}]
-    # Names come from the suite's folders (a custom task's record names its YAML path instead).
-    run.update(status=record.get("status", "failed"), error=record.get("error"),
+def read_records(output) -> list[tuple[dict, dict]]:
+    """(the run's identity, its metrics.json) for every ``<weights>/<task>/<schedule>/seed<N>/metrics.json``.
+
+    The task is the one that ran (``task_variant`` when the run fell back to another task). An
+    unreadable file gives a failed record that says why.
+    """
+    output = Path(output)
+    paths = sorted(p for p in output.glob("*/*/*/seed*/metrics.json")
+                   if p.parent.name.removeprefix("seed").isdigit())
+    records = []
+    for path in paths:
+        rel = path.parent.relative_to(output)
+        weights, task, schedule, seed_dir = rel.parts[-4:]
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            record = {"status": "failed", "error": f"unreadable metrics.json: {e}"}
+        run = {"weights": weights, "task": record.get("task_variant") or task, "schedule": schedule,
+               "seed": int(seed_dir.removeprefix("seed")), "run_dir": rel.as_posix()}
+        records.append((run, record))
+    return records
+
+
+def _run_rows(run: dict, record: dict) -> list[dict]:
+    run = dict(run, status=record.get("status", "failed"), error=record.get("error"),
                task_variant=record.get("task_variant"), weights_path=record.get("weights"))
     run.update({k: record.get(k) for k in RUN_FIELDS if k != "weights_path"})
+    provenance = record.get("provenance") or {}
+    run.update({k: provenance.get(k) for k in PROVENANCE})
     versions = record.get("versions") or {}
     run.update({f"version_{k}": versions.get(k) for k in VERSIONS})
 
@@ -76,17 +109,19 @@ def _run_rows(path: Path, output: Path) -> list[dict]:
     return rows or [{**run, "metric": None, "value": None}]
 
 
-def load_runs(output) -> pd.DataFrame:
-    """The long runs table of every ``<weights>/<task>/<schedule>/seed<N>/metrics.json`` under output."""
-    output = Path(output)
-    paths = sorted(p for p in output.glob("*/*/*/seed*/metrics.json")
-                   if p.parent.name.removeprefix("seed").isdigit())
-    rows = [row for path in paths for row in _run_rows(path, output)]
+def runs_table(records) -> pd.DataFrame:
+    """The long runs table: one row per (run, metric)."""
+    rows = [row for run, record in records for row in _run_rows(run, record)]
     columns = (KEYS + ["seed", "status", "metric", "value", "error", "task_variant"] + RUN_FIELDS
-               + [f"version_{k}" for k in VERSIONS] + ["run_dir"])
+               + PROVENANCE + [f"version_{k}" for k in VERSIONS] + ["run_dir"])
     runs = pd.DataFrame(rows, columns=columns)
     runs["value"] = runs["value"].astype(float)
     return runs
+
+
+def load_runs(output) -> pd.DataFrame:
+    """The long runs table of every ``<weights>/<task>/<schedule>/seed<N>/metrics.json`` under output."""
+    return runs_table(read_records(output))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,39 +131,50 @@ def load_published(path=PUBLISHED_CSV) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
-def _reference_for(task: str, schedule: str):
-    """(published task key, published schedule) for one of our (task, schedule), or None.
+def reference_for(task: str, schedule: str):
+    """(published task key, published schedule, protocol) for one of our (task, schedule), or the
+    reason there is no comparable published number (a string).
 
-    Published numbers exist only for the paper's full schedules; the task registry says which
-    published rows a task corresponds to. Unknown tasks (custom datasets) have none.
+    Published numbers exist only for the papers' full schedules; the task registry says which
+    published rows a task matches (dataset version, split, schedule) and under which protocol.
     """
     if schedule != "full":
-        return None
-    try:
-        from transfer.tasks import get_task
+        return f"the {schedule} schedule is not a published one"
+    from transfer.errors import UserError
+    from transfer.tasks import get_task
 
-        reference = get_task(task).reference
-    except Exception:  # a custom or since-removed task: no published numbers to compare with
-        return None
-    return tuple(reference) if reference else None
+    try:
+        task_entry = get_task(task)
+    except UserError:  # a custom or since-removed task
+        return "no published number for this dataset"
+    if not task_entry.reference:
+        return f"no published number for {task_entry.description}"
+    return (*task_entry.reference, task_entry.protocol)
+
+
+def _published_rows(tasks, published: pd.DataFrame) -> pd.DataFrame:
+    """The published rows that match each of our (task, schedule): task key, schedule and protocol."""
+    rows = []
+    for task, schedule in tasks:
+        reference = reference_for(task, schedule)
+        if isinstance(reference, str):
+            continue
+        key, published_schedule, protocol = reference
+        match = published[(published["task"] == key) & (published["schedule"] == published_schedule)
+                          & (published["protocol"] == protocol)]
+        rows += [{"task": task, "schedule": schedule, "metric": r.metric, "pretrain": r.pretrain,
+                  "value": r.value, "source": r.source} for r in match.itertuples(index=False)]
+    return pd.DataFrame(rows, columns=["task", "schedule", "metric", "pretrain", "value", "source"])
 
 
 def _published_columns(summary: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
     """Published values as one column per pre-training ("published: supervised IN-1M", ...)."""
-    rows = []
-    for task, schedule in summary[["task", "schedule"]].drop_duplicates().itertuples(index=False):
-        reference = _reference_for(task, schedule)
-        if reference is None:
-            continue
-        key, published_schedule = reference
-        match = published[(published["task"] == key) & (published["schedule"] == published_schedule)]
-        for r in match.itertuples(index=False):
-            rows.append({"task": task, "schedule": schedule, "metric": r.metric,
-                         "column": f"published: {r.pretrain}", "value": r.value})
-    if not rows:
+    rows = _published_rows(summary[["task", "schedule"]].drop_duplicates().itertuples(index=False), published)
+    if rows.empty:
         return summary
-    wide = pd.DataFrame(rows).pivot_table(index=["task", "schedule", "metric"], columns="column",
-                                          values="value", aggfunc="first", sort=False)
+    rows["column"] = "published: " + rows["pretrain"]
+    wide = rows.pivot_table(index=["task", "schedule", "metric"], columns="column",
+                            values="value", aggfunc="first", sort=False)
     return summary.merge(wide.reset_index(), on=["task", "schedule", "metric"], how="left")
 
 
@@ -144,16 +190,22 @@ def _task_rank(tasks) -> dict:
     return {t: i for i, t in enumerate(ordered)}
 
 
+def _by_seed(ok: pd.DataFrame, weights, task, schedule, metric) -> pd.Series:
+    rows = ok[(ok["weights"] == weights) & (ok["task"] == task) & (ok["schedule"] == schedule)
+              & (ok["metric"] == metric)]
+    return rows.set_index("seed")["value"].dropna()
+
+
 def summarize(runs: pd.DataFrame, baseline: str = BASELINE, published: pd.DataFrame | None = None):
-    """Per weights x task x schedule x metric: mean, std, n, failed, delta vs baseline, published.
+    """Per weights x task x schedule x metric: mean, std, n, its interval, failed; the delta vs the
+    baseline with its interval and test (see transfer/stats.py); published numbers.
 
     The metrics of a (task, schedule) are those any successful run of it reported; a weights whose
     runs lack one of them gets that row with n = 0 and no mean. A (weights, task, schedule) whose
     runs all failed gets one row with no metric, n = 0 and its failed count.
     """
-    columns = KEYS + ["metric", "mean", "std", "n", "failed", "delta"]
     if runs.empty:
-        return pd.DataFrame(columns=columns)
+        return pd.DataFrame(columns=SUMMARY)
     ok = runs[runs["status"] == "ok"]
     one_per_run = runs.drop_duplicates(KEYS + ["seed"])
     failed = (one_per_run[one_per_run["status"] != "ok"].groupby(KEYS).size().rename("failed"))
@@ -161,22 +213,18 @@ def summarize(runs: pd.DataFrame, baseline: str = BASELINE, published: pd.DataFr
 
     rows = []
     for (weights, task, schedule), _ in one_per_run.groupby(KEYS, sort=False):
-        names = list(metrics_of.get((task, schedule), [])) or [None]
-        for name in names:
-            values = ok[(ok["weights"] == weights) & (ok["task"] == task)
-                        & (ok["schedule"] == schedule) & (ok["metric"] == name)]["value"].dropna()
-            rows.append({"weights": weights, "task": task, "schedule": schedule, "metric": name,
-                         "mean": values.mean() if len(values) else math.nan,
-                         "std": values.std(ddof=1) if len(values) > 1 else math.nan,
-                         "n": len(values)})
-    summary = pd.DataFrame(rows)
-    summary["failed"] = [int(failed.get(tuple(k), 0)) for k in summary[KEYS].itertuples(index=False)]
-
-    base = summary[summary["weights"] == baseline].set_index(["task", "schedule", "metric"])["mean"]
-    summary["delta"] = [
-        mean - base.get((task, schedule, metric), math.nan) if weights != baseline else math.nan
-        for weights, task, schedule, metric, mean in
-        summary[KEYS + ["metric", "mean"]].itertuples(index=False)]
+        for name in list(metrics_of.get((task, schedule), [])) or [None]:
+            values = _by_seed(ok, weights, task, schedule, name)
+            low, high = stats.mean_interval(values)
+            row = {"weights": weights, "task": task, "schedule": schedule, "metric": name,
+                   "mean": values.mean() if len(values) else math.nan,
+                   "std": values.std(ddof=1) if len(values) > 1 else math.nan,
+                   "n": len(values), "ci_low": low, "ci_high": high,
+                   "failed": int(failed.get((weights, task, schedule), 0))}
+            if weights != baseline:
+                row.update(_against(values, _by_seed(ok, baseline, task, schedule, name)))
+            rows.append(row)
+    summary = pd.DataFrame(rows).reindex(columns=SUMMARY)
 
     # Baseline first within a task, then the other weights in the order they were given.
     order = {w: i for i, w in enumerate(dict.fromkeys([baseline] + list(runs["weights"])))}
@@ -187,6 +235,36 @@ def summarize(runs: pd.DataFrame, baseline: str = BASELINE, published: pd.DataFr
     if published is not None:
         summary = _published_columns(summary, published)
     return summary
+
+
+def _against(values: pd.Series, base: pd.Series) -> dict:
+    """The delta columns of a row: nothing (NaN) when the baseline has no value for the metric."""
+    if base.empty or values.empty:
+        return {}
+    c = stats.compare(values, base)
+    return {"delta": c.delta, "delta_ci_low": c.low, "delta_ci_high": c.high, "p_value": c.p_value,
+            "test": c.test, "significant": {True: "yes", False: "no", None: None}[c.significant]}
+
+
+def per_class_table(records, baseline: str = BASELINE) -> pd.DataFrame:
+    """Per weights x task x schedule x section x class: mean over the successful trials, n, and
+    the delta against the baseline's mean (per-class AP, or IoU for semantic segmentation)."""
+    rows = [{**{k: run[k] for k in KEYS}, "seed": run["seed"], "section": section, "class": name,
+             "value": _number(value)}
+            for run, record in records if record.get("status") == "ok"
+            for section, classes in (record.get("per_class") or {}).items()
+            for name, value in classes.items()]
+    columns = KEYS + ["section", "class", "mean", "n", "baseline_mean", "delta"]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    table = (pd.DataFrame(rows).groupby(KEYS + ["section", "class"], sort=False)["value"]
+             .agg(mean="mean", n="count").reset_index())
+    base = table[table["weights"] == baseline].set_index(["task", "schedule", "section", "class"])["mean"]
+    table["baseline_mean"] = [base.get(tuple(k), math.nan) for k in
+                              table[["task", "schedule", "section", "class"]].itertuples(index=False)]
+    table["delta"] = table["mean"] - table["baseline_mean"]
+    table.loc[table["weights"] == baseline, "delta"] = math.nan
+    return table[columns]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,17 +278,92 @@ def _cell(value, signed=False):
     return str(value)
 
 
-def to_markdown(summary: pd.DataFrame, runs: pd.DataFrame, baseline: str = BASELINE) -> str:
-    table = summary.copy()
-    for column in table.columns:
-        signed = column == "delta"
-        table[column] = [_cell(v, signed) for v in table[column]]
-    table = table.rename(columns={"delta": f"delta vs {baseline}"})
+def _interval(low, high, signed=False) -> str:
+    return "" if math.isnan(low) or math.isnan(high) else f"[{_cell(low, signed)}, {_cell(high, signed)}]"
+
+
+def _p(value) -> str:
+    return "" if value is None or math.isnan(value) else ("< 0.001" if value < 0.001 else f"{value:.3f}")
+
+
+def _main_table(summary: pd.DataFrame, baseline: str) -> str:
+    table = pd.DataFrame({
+        **{k: summary[k] for k in KEYS + ["metric"]},
+        "mean": [_cell(v) for v in summary["mean"]], "std": [_cell(v) for v in summary["std"]],
+        "n": summary["n"], "95% CI": [_interval(lo, hi) for lo, hi in zip(summary["ci_low"], summary["ci_high"])],
+        "failed": summary["failed"],
+        f"delta vs {baseline}": [_cell(v, signed=True) for v in summary["delta"]],
+        "delta 95% CI": [_interval(lo, hi, True) for lo, hi in zip(summary["delta_ci_low"], summary["delta_ci_high"])],
+        "p": [_p(v) for v in summary["p_value"]],
+        "test": [_cell(v) for v in summary["test"]],
+        "significant": [_cell(v) for v in summary["significant"]],
+    })
+    return table.to_markdown(index=False, disable_numparse=True)
+
+
+def _small_batch_note(runs: pd.DataFrame) -> list[str]:
+    """Runs whose BN saw fewer images than the protocol's minimum are marked, never silently mixed."""
+    from transfer.tasks import MIN_BN_GROUP
+
+    small = runs[runs["small_batch"].fillna(False).astype(bool)].drop_duplicates(["task", "schedule"])
+    if small.empty:
+        return []
+    cells = ", ".join(f"`{t}` ({s})" for t, s in small[["task", "schedule"]].itertuples(index=False))
+    return [f"Small batches: runs of {cells} trained with fewer than {MIN_BN_GROUP} images per BN group "
+            "(`bn_group_images` and `small_batch` in runs.csv), which is not the papers' protocol.", ""]
+
+
+def _published_section(summary: pd.DataFrame, published: pd.DataFrame | None) -> list[str]:
+    """Per (task, schedule): the matching published numbers with their sources, or why there are none."""
+    if published is None or summary.empty:
+        return []
+    lines, missing = ["## Published numbers", ""], {}
+    for task, schedule in summary[["task", "schedule"]].drop_duplicates().itertuples(index=False):
+        rows = _published_rows([(task, schedule)], published)
+        if rows.empty:
+            reason = reference_for(task, schedule)
+            missing.setdefault(reason if isinstance(reason, str) else "no published number for this "
+                               "task's dataset version, split, schedule and protocol", []).append(task)
+            continue
+        wide = rows.pivot_table(index="metric", columns="pretrain", values="value", aggfunc="first", sort=False)
+        lines += [f"`{task}` ({schedule}):", "", wide.reset_index().to_markdown(index=False), "",
+                  "Sources: " + "; ".join(f"{r.pretrain}: {r.source}"
+                                          for r in rows.drop_duplicates("pretrain").itertuples(index=False)), ""]
+    lines += [f"- {', '.join(f'`{t}`' for t in tasks)}: {reason}" for reason, tasks in missing.items()]
+    return lines + [""]
+
+
+def _per_class_section(per_class: pd.DataFrame, baseline: str) -> list[str]:
+    """For each task and weights: the classes that gained and lost most against the baseline."""
+    deltas = per_class.dropna(subset=["delta"])
+    if deltas.empty:
+        return []
+    lines = ["## Per-class results", "",
+             f"Mean per-class AP (IoU for semantic segmentation) minus `{baseline}`'s, the {TOP_CLASSES} "
+             "largest gains and losses; every class is in per_class.csv.", ""]
+    for (weights, task, schedule, section), rows in deltas.groupby(KEYS + ["section"], sort=False):
+        ranked = rows.sort_values("delta", ascending=False)
+        gains = ranked[ranked["delta"] > 0].head(TOP_CLASSES)
+        losses = ranked[ranked["delta"] < 0].iloc[::-1].head(TOP_CLASSES)
+        shown = {label: ", ".join(f"{c} {d:+.1f}" for c, d in zip(part["class"], part["delta"])) or "none"
+                 for label, part in (("gains", gains), ("losses", losses))}
+        lines.append(f"- `{weights}` on `{task}` ({schedule}, {section}): gains {shown['gains']}; "
+                     f"losses {shown['losses']}")
+    return lines + [""]
+
+
+def to_markdown(summary: pd.DataFrame, runs: pd.DataFrame, baseline: str = BASELINE,
+                published: pd.DataFrame | None = None, per_class: pd.DataFrame | None = None) -> str:
     lines = ["# Transfer results", "",
-             f"Mean and std over trials (seeds); n = trials with the metric, failed = trials that "
-             f"failed (never averaged); delta = mean minus the mean of `{baseline}`; published = "
-             f"the paper's number for the same task and schedule.", "",
-             table.to_markdown(index=False, disable_numparse=True), ""]
+             f"Mean and std over trials (seeds); n = trials with the metric; 95% CI = the mean's "
+             f"confidence interval (t distribution); failed = trials that failed (never averaged); "
+             f"delta = mean minus the mean of `{baseline}`, with its 95% interval and the p-value of a "
+             f"paired t-test (both ran the same seeds) or Welch's t-test; significant = p < {stats.ALPHA:.2f}; "
+             f"{stats.NO_TEST} with fewer than {stats.MIN_TRIALS} trials on either side.", "",
+             _main_table(summary, baseline), ""]
+    lines += _small_batch_note(runs)
+    lines += _published_section(summary, published)
+    lines += _per_class_section(per_class if per_class is not None else pd.DataFrame(columns=["delta"]), baseline)
 
     failures = runs[runs["status"] != "ok"].drop_duplicates(KEYS + ["seed"])
     if len(failures):
@@ -284,15 +437,19 @@ def plot_deltas(summary: pd.DataFrame, path, baseline: str = BASELINE) -> None:
 
 
 def write_reports(output, baseline: str = BASELINE, published_path=PUBLISHED_CSV) -> Report:
-    """(Re)write runs.csv, summary.csv, summary.md and deltas.png from output's metrics.json files."""
+    """(Re)write runs.csv, summary.csv, per_class.csv, summary.md and deltas.png from output's
+    metrics.json files."""
     output = Path(output)
-    runs = load_runs(output)
+    records = read_records(output)
+    runs = runs_table(records)
+    per_class = per_class_table(records, baseline)
     published = load_published(published_path) if published_path else None
     summary = summarize(runs, baseline, published)
     report = Report(output / "runs.csv", output / "summary.csv", output / "summary.md",
-                    output / "deltas.png")
+                    output / "deltas.png", output / "per_class.csv")
     atomic_write_text(report.runs, runs.to_csv(index=False))
     atomic_write_text(report.summary_csv, summary.to_csv(index=False))
-    atomic_write_text(report.summary_md, to_markdown(summary, runs, baseline))
+    atomic_write_text(report.per_class, per_class.to_csv(index=False))
+    atomic_write_text(report.summary_md, to_markdown(summary, runs, baseline, published, per_class))
     plot_deltas(summary, report.chart, baseline)
     return report

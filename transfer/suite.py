@@ -42,6 +42,9 @@ REPO = Path(__file__).resolve().parent.parent
 FINETUNE = REPO / "tools" / "finetune.py"
 BASELINE = "supervised"
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+# What tools/demo.py writes in its output folder (results/demo): label -> file.
+DEMO_MOCO = "moco_v2"
+DEMO_WEIGHTS = {DEMO_MOCO: "weights/moco_v2_demo.pkl", BASELINE: "weights/supervised_demo.pkl"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,6 +79,12 @@ class Run:
         return self.dir / "metrics.json"
 
 
+def weights_label(spec: str) -> str:
+    """The label of ``[LABEL=]PATH``: LABEL, else the file name up to its first dot."""
+    label, sep, path = spec.partition("=")
+    return label if sep and label else Path(path or spec).name.split(".")[0]
+
+
 def prepare_weights(spec: str, workdir, label: str | None = None) -> Weights:
     """``[LABEL=]PATH`` -> detectron2 weights; other checkpoint layouts are converted into workdir.
 
@@ -83,11 +92,9 @@ def prepare_weights(spec: str, workdir, label: str | None = None) -> Weights:
     checkpoint, a torchvision state dict) goes through transfer.convert once, into
     ``<workdir>/weights/<label>.pkl`` with its overlay, and is reused while it is newer than the source.
     """
-    given_label, sep, path = spec.partition("=")
-    if not sep:
-        given_label, path = "", spec
-    path = Path(path).expanduser()
-    label = label or given_label or path.name.split(".")[0]
+    _, sep, path = spec.partition("=")
+    path = Path(path if sep else spec).expanduser()
+    label = label or weights_label(spec)
     if not LABEL.match(label):
         raise UserError(f"{spec}: label '{label}' must be letters, digits and ._+- (name it with LABEL=PATH)")
     if not path.is_file():
@@ -102,30 +109,71 @@ def prepare_weights(spec: str, workdir, label: str | None = None) -> Weights:
     return Weights(label, path.resolve(), fileio.sha256_of(path))
 
 
-def resolve_tasks(spec: str, schedule: str) -> dict[str, str]:
-    """``all``, or comma-separated task names / custom dataset YAML files -> {folder name: spec}.
+def find_default_weights(root=REPO) -> tuple[str, Path | None] | None:
+    """The newest weights a demo or pre-training run left under ``root`` (the repository).
 
-    ``all`` is every registered task except the variants other tasks fall back to (LVIS v0.5 runs
-    in place of LVIS v1 when only v0.5 is on disk). A custom task's folder is its YAML's stem.
+    Returns (``LABEL=PATH``, the demo's supervised weights beside them or None), or None when
+    there are none. Looked for: tools/demo.py's MoCo weights (results/*/weights/), and the last
+    checkpoint of tools/pretrain_moco.py runs (results/*/pretrain/ and its default --output).
     """
-    from transfer.tasks import TASKS, get_task
+    from transfer.pretrain.engine import CHECKPOINT, PretrainConfig
 
-    if spec.strip() == "all":
-        fallbacks = {task.fallback for task in TASKS.values()}
-        specs = [name for name in TASKS if name not in fallbacks]
-    else:
-        specs = [t.strip() for t in spec.split(",") if t.strip()]
-    if not specs:
-        raise UserError(f"--tasks: no task given (one or more of: {', '.join(TASKS)}, or all)")
+    root = Path(root)
+    demo = set(root.glob(f"results/*/{DEMO_WEIGHTS[DEMO_MOCO]}"))
+    # path -> label: the demo's own label; a checkpoint is named after its run (results/<run>/pretrain)
+    labels = {path: DEMO_MOCO for path in demo}
+    labels |= {path: path.parents[1].name for path in root.glob(f"results/*/pretrain/{CHECKPOINT}")}
+    labels |= {path: path.parent.name for path in root.glob(f"{PretrainConfig.output}/{CHECKPOINT}")}
+    found = [path for path in labels if path.is_file()]
+    if not found:
+        return None
+    newest = max(found, key=lambda path: path.stat().st_mtime)
+    baseline = newest.parents[1] / DEMO_WEIGHTS[BASELINE]
+    return f"{labels[newest]}={newest}", (baseline if newest in demo and baseline.is_file() else None)
+
+
+def expand_tasks(spec: str) -> list[str]:
+    """Comma-separated task names, families (voc, coco, ..., all) and custom dataset YAML files
+    -> task names and YAML paths, each once, in the order given."""
+    from transfer.tasks import ALL, FAMILIES, TASKS, family
+
+    choices = (f"tasks: {', '.join(TASKS)}; families: {', '.join([*FAMILIES, ALL])}; "
+               "or a custom dataset .yaml")
+    names = [t.strip() for t in spec.split(",") if t.strip()]
+    if not names:
+        raise UserError(f"--tasks: no task given ({choices})")
+    specs = []
+    for name in names:
+        members = family(name)
+        if members is None and name not in TASKS and not name.endswith((".yaml", ".yml")):
+            raise UserError(f"--tasks {name}: unknown task or family ({choices})")
+        specs += [one for one in members or (name,) if one not in specs]
+    return specs
+
+
+def resolve_tasks(spec: str, schedule: str, datasets_root=None, notes: list | None = None) -> dict[str, str]:
+    """Task names, families and custom dataset YAML files (``expand_tasks``) -> {folder name: spec}.
+
+    A task whose datasets are missing under ``datasets_root`` (default: $DETECTRON2_DATASETS,
+    else ./datasets) while its fallback's are there becomes the fallback, so its runs are filed
+    and reported under the task that trains; ``notes`` gets one line saying so. A custom task's
+    folder is its YAML's stem.
+    """
+    from transfer.tasks import fallback_note, get_task, resolve_fallback
+
     tasks = {}
-    for one in specs:
-        task = get_task(one)
+    for one in expand_tasks(spec):
         custom = one.endswith((".yaml", ".yml"))
+        task = get_task(one)
+        if not custom:
+            asked, task = task, resolve_fallback(task, datasets_root)
+            if task is not asked and notes is not None:
+                notes.append(fallback_note(asked, task, datasets_root))
         name = Path(one).stem if custom else task.name
         if schedule not in task.schedules:
             raise UserError(f"--schedule: task {name} has no '{schedule}' schedule "
                             f"(it has: {', '.join(task.schedules)})")
-        value = str(Path(one).resolve()) if custom else one
+        value = str(Path(one).resolve()) if custom else task.name
         if not LABEL.match(name) or tasks.get(name, value) != value:
             raise UserError(f"--tasks {one}: the task folder name '{name}' is not usable or not unique")
         tasks[name] = value
@@ -135,23 +183,16 @@ def resolve_tasks(spec: str, schedule: str) -> dict[str, str]:
 def check_datasets(tasks: dict[str, str], root=None) -> None:
     """Fail before any training when a registered task's datasets are not on disk (one clear line).
 
-    A task with a ``fallback`` (LVIS v1 -> v0.5) passes when the fallback's datasets are there.
-    Custom tasks (YAML) checked their own files when they were registered.
+    ``tasks`` comes from ``resolve_tasks``, which already ran a fallback where only its data is
+    there. Custom tasks (YAML) checked their own files when they were registered.
     """
     from transfer.datasets import catalog
     from transfer.tasks import get_task
 
     for spec in tasks.values():
-        if spec.endswith((".yaml", ".yml")):
-            continue
-        task = get_task(spec)
-        try:
+        if not spec.endswith((".yaml", ".yml")):
+            task = get_task(spec)
             catalog.check(task.train + task.test, root)
-        except UserError:
-            if not task.fallback:
-                raise
-            fallback = get_task(task.fallback)
-            catalog.check(fallback.train + fallback.test, root)
 
 
 def check_settings(output, opts=()) -> None:
@@ -490,15 +531,21 @@ def describe(runs: list[Run]) -> str:
     return f"Plan: {len(runs)} runs ({states}); trials done / planned:\n{cells.to_string()}"
 
 
-def run_suite(runs: list[Run], launcher, stream=sys.stderr, repeats: dict[Run, Run] | None = None) -> list[Outcome]:
+def run_suite(runs: list[Run], launcher, stream=None, repeats: dict[Run, Run] | None = None,
+              notes=()) -> list[Outcome]:
     """Show the plan, run every run that is not done (with a progress bar), return the outcomes.
 
-    ``repeats`` (see ``repeated_runs``): runs that get the result of the run they repeat.
+    ``repeats`` (see ``repeated_runs``): runs that get the result of the run they repeat;
+    ``notes``: lines shown with the plan (``resolve_tasks``'s fallbacks). ``stream``: default
+    sys.stderr as it is at the call (a redirected one too).
     """
     from tqdm import tqdm
 
+    stream = stream or sys.stderr
     repeats = repeats or {}
     print(describe(runs), file=stream, flush=True)
+    for note in notes:
+        print(note, file=stream)
     for run, original in repeats.items():
         print(f"{run.name}: the same run as {original.name}, its result is reused", file=stream)
     pending = [r for r in runs if state(r) != "done"]

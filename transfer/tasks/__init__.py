@@ -22,6 +22,10 @@ from transfer.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK_FRACTION = 1 / 8
+# The MoCo paper's protocol: the whole backbone fine-tuned with its BN trained (SyncBN / naiveSyncBN).
+DEFAULT_PROTOCOL = "fine-tune"
+# Scaling the batch down for memory stops here: BN statistics over fewer images are not the paper's.
+MIN_BN_GROUP = 8
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,9 @@ class Task:
     fallback: str | None = None
     default_schedule: str = "full"  # what a run uses when no schedule is named
     notes: tuple[str, ...] = ()  # how a custom dataset's quirks were handled (kept in metrics.json)
+    # the fine-tuning protocol, as the "protocol" column of published_results.csv names it: a
+    # published number is compared only with runs of the same protocol
+    protocol: str = DEFAULT_PROTOCOL
 
     @property
     def config_path(self) -> Path:
@@ -91,6 +98,65 @@ def get_task(name) -> Task:
     return TASKS[name]
 
 
+# Task families: what ``--tasks voc,coco`` expands to. ``all`` is computed (``family``).
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "voc": ("voc07+12", "voc07"),
+    "coco": ("coco_c4_1x", "coco_c4_2x", "coco_fpn_1x", "coco_fpn_2x", "coco_kp_2x"),
+    "lvis": ("lvis_1x", "lvis_2x"),
+    "cityscapes": ("cityscapes_inst", "cityscapes_sem"),
+    "semseg": ("cityscapes_sem", "voc_sem"),
+}
+ALL = "all"
+
+
+def family(name: str) -> tuple[str, ...] | None:
+    """The task names of family ``name`` (``all`` included), or None when it is not a family.
+
+    ``all`` is every registered task of the paper's protocol except those other tasks fall back
+    to: a fallback runs in place of its task when the task's data is missing, never beside it,
+    and a protocol variant (frozen BN, ...) is run when named.
+    """
+    if name == ALL:
+        fallbacks = {task.fallback for task in TASKS.values()}
+        return tuple(name for name, task in TASKS.items()
+                     if name not in fallbacks and task.protocol == DEFAULT_PROTOCOL)
+    return FAMILIES.get(name)
+
+
+def _missing(task: Task, datasets_root) -> str | None:
+    """Why the task's datasets are not usable under the root (catalog.check's line), or None."""
+    from transfer.datasets import catalog
+
+    try:
+        catalog.check([*task.train, *task.test], datasets_root)
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def resolve_fallback(task: Task, datasets_root) -> Task:
+    """The task that runs: its ``fallback`` when only the fallback's datasets are on disk, else itself.
+
+    With neither on disk the task itself comes back, so the datasets check names its files.
+    """
+    if not task.fallback or _missing(task, datasets_root) is None:
+        return task
+    fallback = get_task(task.fallback)
+    return fallback if _missing(fallback, datasets_root) is None else task
+
+
+def fallback_note(task: Task, ran: Task, datasets_root) -> str:
+    """One line saying that ``ran`` runs in place of ``task``, and why."""
+    why = (_missing(task, datasets_root) or "its datasets are missing").split(";")[0]
+    # Published numbers are kept per task: a fallback without its own cannot be compared.
+    caveat = "" if ran.reference else f"; not comparable with the paper's {task.name}"
+    return f"{task.name}: {why}, so running {ran.name} ({ran.description}{caveat})"
+
+
 # Every module of this package holds entries: importing it registers them.
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
+for _name, _members in FAMILIES.items():
+    for _member in _members:
+        if _member not in TASKS:
+            raise ValueError(f"task family {_name!r} names {_member!r}, which is not registered")
