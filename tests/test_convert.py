@@ -407,3 +407,19 @@ def test_command_line(tmp_path):
     assert failed.stderr.startswith("error: ") and "Known layouts" in failed.stderr
     assert len(failed.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "bad.pkl").exists()
+
+
+def test_weights_with_nan_are_refused_unless_allowed(tmp_path):
+    model = randomized(torchvision.models.resnet18())
+    state = moco_v1(model.state_dict())
+    state["state_dict"]["module.encoder_q.layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    state["state_dict"]["module.encoder_q.bn1.running_var"][3] = float("inf")
+    path = save(tmp_path, state)
+    tool = [sys.executable, str(REPO / "tools" / "convert_to_d2.py"), str(path)]
+    refused = subprocess.run(tool, capture_output=True, text=True)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "contain NaN/Inf (2 tensors: " in refused.stderr and "res3.0.conv1.weight" in refused.stderr
+    assert "--allow-non-finite" in refused.stderr and not list(tmp_path.glob("*.pkl"))
+    allowed = subprocess.run(tool + ["--allow-non-finite"], capture_output=True, text=True)
+    assert allowed.returncode == 0, allowed.stderr
+    assert (tmp_path / "ckpt.pkl").is_file()

@@ -18,10 +18,13 @@ def main(argv=None):
     parser.add_argument("checkpoint", help="checkpoint file (.pth / .pth.tar / detectron2 .pkl)")
     parser.add_argument("--output", help="weights file to write, ending in .pkl (default: <checkpoint stem>.pkl "
                         "beside the checkpoint); the overlay YAML goes beside it")
-    parser.add_argument("--norm", choices=NORMS, help="backbone normalisation for fine-tuning (default: SyncBN, "
-                        "as in the MoCo paper; GN for GroupNorm weights)")
+    parser.add_argument("--norm", choices=NORMS, help="the kind of norm layer the overlay records (default: "
+                        "SyncBN; GN for GroupNorm weights); fine-tuning uses the task's BN kind unless GN")
+    parser.add_argument("--allow-non-finite", action="store_true",
+                        help="convert weights that hold NaN / Inf values (refused by default)")
     args = parser.parse_args(argv)
-    print(convert(args.checkpoint, output=args.output, norm=args.norm).summary())
+    print(convert(args.checkpoint, output=args.output, norm=args.norm,
+                  allow_non_finite=args.allow_non_finite).summary())
 
 
 if __name__ == "__main__":

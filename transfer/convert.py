@@ -256,10 +256,24 @@ def verify(weights: dict, overlay: dict, what: str) -> None:
     backbone.load_state_dict({key: torch.as_tensor(value) for key, value in weights.items()}, strict=True)
 
 
-def convert(ckpt_path, output=None, norm: str | None = None) -> Conversion:
+def check_finite(weights: dict, what: str) -> None:
+    """UserError when tensors hold NaN or Inf: fine-tuning them would diverge, and its message
+    would blame the learning rate rather than the checkpoint."""
+    import torch
+
+    bad = [key for key, value in weights.items()
+           if torch.is_floating_point(torch.as_tensor(value)) and not torch.isfinite(torch.as_tensor(value)).all()]
+    if bad:
+        raise UserError(f"{what}: the weights contain NaN/Inf ({len(bad)} tensors: {', '.join(bad[:3])}"
+                        f"{', ...' if len(bad) > 3 else ''}); was the pre-training diverging? "
+                        "--allow-non-finite converts them anyway")
+
+
+def convert(ckpt_path, output=None, norm: str | None = None, allow_non_finite: bool = False) -> Conversion:
     """Convert a checkpoint to ``output`` (default ``<ckpt stem>.pkl`` beside it) plus its overlay YAML.
 
     A file that already is detectron2 weights is reported (layout "detectron2") and nothing is written.
+    Weights with NaN / Inf values are refused unless ``allow_non_finite``.
     """
     path = Path(ckpt_path)
     content, layout = layouts.read_checkpoint(path)
@@ -273,6 +287,8 @@ def convert(ckpt_path, output=None, norm: str | None = None) -> Conversion:
                           sorted(content["model"]), [], overlay, author=str(content["__author__"]))
 
     weights, sources, dropped = layouts.resnet_state_dict(path, content, layout)
+    if not allow_non_finite:
+        check_finite(weights, str(path))
     norm = _choose_norm(path, weights, norm)
     if norm == "FrozenBN":  # FrozenBatchNorm2d keeps no batch counter
         for key in [key for key in weights if key.endswith(".num_batches_tracked")]:
