@@ -284,3 +284,60 @@ def test_pretrain_moco_without_arguments_trains_the_demo_preset_on_the_demo_imag
     settings = yaml.safe_load((run / "config.yaml").read_text())
     assert {k: settings[k] for k in demo_preset} == demo_preset
     assert load(run / engine.CHECKPOINT)["step"] == 2
+
+
+# ----------------------------------------------------------------------------- broken images
+
+
+def with_bad_images(data, root, names):
+    """A copy of ``data`` with undecodable files added to the first class folder of train/."""
+    import shutil
+
+    shutil.copytree(data, root)
+    first_class = sorted((root / "train").iterdir())[0]
+    for name in names:
+        (first_class / name).write_bytes(b"\xff\xd8 this is not a JPEG")
+    return root, [str(first_class / name) for name in names]
+
+
+def test_an_undecodable_image_is_skipped_counted_and_resume_stays_bit_exact(data, tmp_path, capsys):
+    from transfer.image_folder import SKIPPED
+
+    root, bad = with_bad_images(data, tmp_path / "images", ["garbage.jpg"])  # 25 images: 3 steps of 8 per epoch
+    straight = engine.pretrain(tiny(root, tmp_path / "straight", epochs=2))
+    first = engine.pretrain(tiny(root, tmp_path / "resumed", epochs=2, max_steps=4))
+    engine.pretrain(tiny(root, tmp_path / "resumed", epochs=2, workers=2, resume=str(first)))
+    err = capsys.readouterr().err
+    # One warning line the first time in each run, one total at each run's end.
+    assert err.count(f"warning: {bad[0]}: cannot be decoded") == 2, err
+    assert "1 image(s) could not be decoded and were replaced" in err
+    for output in ("straight", "resumed"):
+        assert (tmp_path / output / SKIPPED).read_text() == bad[0] + "\n"
+        assert log_rows(tmp_path / output)[-1]["skipped_images"] == "1"
+    assert [r["loss"] for r in log_rows(tmp_path / "straight")] == [r["loss"] for r in log_rows(tmp_path / "resumed")]
+    a, b = load(straight), load(tmp_path / "resumed" / "checkpoint_last.pth.tar")
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+
+
+def test_too_many_undecodable_images_stop_the_run_with_one_line(data, tmp_path):
+    from transfer.image_folder import scan
+
+    root, bad = with_bad_images(data, tmp_path / "images", ["bad1.jpg", "bad2.jpg", "bad3.jpg"])
+    with pytest.raises(UserError, match=r"^[23] of 27 images cannot be decoded \(more than 1%\), e\.g\. .*bad\d\.jpg"):
+        engine.pretrain(tiny(root, tmp_path / "run", epochs=3))  # each epoch visits 24 of the 27
+    # --check-data finds them before any training: the same line, every bad file listed
+    with pytest.raises(UserError, match=r"^3 of 27 images cannot be decoded"):
+        scan(root / "train", tmp_path / "scan" / "skipped_images.txt")
+    assert sorted((tmp_path / "scan" / "skipped_images.txt").read_text().split()) == sorted(bad)
+
+
+def test_an_empty_class_folder_is_one_clear_line(data, tmp_path):
+    import shutil
+
+    shutil.copytree(data, tmp_path / "images")
+    (tmp_path / "images" / "train" / "empty_class").mkdir()
+    with pytest.raises(UserError) as error:
+        engine.pretrain(tiny(tmp_path / "images", tmp_path / "run"))
+    message = str(error.value)
+    assert "\n" not in message and "empty_class" in message and message.startswith(str(tmp_path / "images" / "train"))

@@ -10,11 +10,14 @@ a machine without a GPU (a CPU run of a minute or two), an error on one with a G
 OUTPUT/checkpoint_last.pth.tar (official layout).
 """
 import argparse
+import os
+from pathlib import Path
 
 import torch.distributed
 
+from transfer import image_folder
 from transfer.errors import UserError, cli
-from transfer.pretrain.engine import load_config, pretrain
+from transfer.pretrain.engine import data_dirs, load_config, pretrain
 
 FLAG = argparse.BooleanOptionalAction
 
@@ -28,6 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", help="checkpoint to continue from (ours or the official code's)")
     p.add_argument("--max-steps", type=int, help="stop at this global step with a checkpoint (time-limited jobs)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="default auto: the GPU LOCAL_RANK if CUDA is available")
+    p.add_argument("--check-data", action="store_true",
+                   help="decode every training image first; list the ones that fail (more than 1%%: stop)")
     # The preset's settings; default None keeps the preset's value.
     p.add_argument("-a", "--arch", help="torchvision ResNet, e.g. resnet50")
     p.add_argument("--moco-dim", type=int, help="feature dimension")
@@ -83,7 +88,11 @@ def main(argv=None):
     args["preset"], note = choose_preset(args["preset"], args["data"], args["device"], torch.cuda.is_available())
     if note:
         print(note, flush=True)
-    checkpoint = pretrain(load_config(**args))
+    check_data = args.pop("check_data")
+    cfg = load_config(**args)
+    if check_data and int(os.environ.get("RANK", 0)) == 0:
+        image_folder.scan(data_dirs(cfg.data)[0], Path(cfg.output) / image_folder.SKIPPED)
+    checkpoint = pretrain(cfg)
     if torch.distributed.is_initialized():  # under torchrun: one line from rank 0, then a clean exit
         rank = torch.distributed.get_rank()
         torch.distributed.destroy_process_group()

@@ -13,11 +13,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torchvision.datasets import ImageFolder
 
 from transfer.errors import UserError
 from transfer import fileio
 from transfer.fileio import atomic_torch_save, atomic_write_json
+from transfer.image_folder import SKIPPED, ImageFolder, check_skipped, read_skipped
 from transfer.pretrain.augment import classification_transform, eval_transform
 from transfer.pretrain.knn import backbone
 
@@ -88,14 +88,15 @@ def evaluate(model, loader, device, amp_dtype=None):
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}
 
 
-def image_folders(data, image_size):
+def image_folders(data, image_size, skipped=None):
+    """(train, val) ImageFolders; undecodable images are replaced and listed in ``skipped``."""
     root = Path(data)
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise UserError(f"--data {root}: expected an ImageFolder root with train/<class>/ and val/<class>/; "
                             f"{root / split} does not exist")
-    return (ImageFolder(root / "train", classification_transform(image_size)),
-            ImageFolder(root / "val", eval_transform(image_size)))
+    return (ImageFolder(root / "train", classification_transform(image_size), skipped=skipped),
+            ImageFolder(root / "val", eval_transform(image_size), skipped=skipped))
 
 
 def amp_dtype_for(precision, device):
@@ -109,7 +110,8 @@ def linear_eval(cfg: LinearEvalConfig) -> dict:
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp_dtype = amp_dtype_for(cfg.precision, device)
-    train_set, val_set = image_folders(cfg.data, cfg.image_size)
+    output = Path(cfg.output)
+    train_set, val_set = image_folders(cfg.data, cfg.image_size, skipped=output / SKIPPED)
     model, arch = load_backbone(cfg.pretrained, cfg.arch)
     model.fc = nn.Linear(model.fc.in_features, len(train_set.classes))
     nn.init.normal_(model.fc.weight, std=0.01)
@@ -126,7 +128,6 @@ def linear_eval(cfg: LinearEvalConfig) -> dict:
     val_loader = torch.utils.data.DataLoader(val_set, **loader_args)
 
     history, best = [], None
-    output = Path(cfg.output)
     for epoch in range(cfg.epochs):
         lr = cfg.lr * 0.1 ** sum(epoch >= m for m in cfg.schedule)
         for group in optimizer.param_groups:
@@ -144,7 +145,8 @@ def linear_eval(cfg: LinearEvalConfig) -> dict:
             loss_sum, seen = loss_sum + loss.item() * len(target), seen + len(target)
         metrics = evaluate(model, val_loader, device, amp_dtype)
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / seen, **metrics,
-               "images_per_s": seen / (time.perf_counter() - tic)}
+               "images_per_s": seen / (time.perf_counter() - tic),
+               "skipped_images": check_skipped(output / SKIPPED, len(train_set) + len(val_set))}
         history.append(row)
         best = row if best is None or row["top1"] > best["top1"] else best
         print(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.3f}  val top-1 {row['top1']:.2f}  top-5 {row['top5']:.2f}")
@@ -156,6 +158,7 @@ def linear_eval(cfg: LinearEvalConfig) -> dict:
         raise RuntimeError(f"linear evaluation changed frozen backbone tensors: {changed[:3]}")
     result = {"pretrained": str(cfg.pretrained), "arch": arch, "top1": history[-1]["top1"], "top5": history[-1]["top5"],
               "best_top1": best["top1"], "best_epoch": best["epoch"], "history": history,
+              "skipped_images": read_skipped(output / SKIPPED),
               "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}}
     atomic_torch_save({"arch": arch, "state_dict": {k: v.cpu() for k, v in state.items()}, "top1": result["top1"]},
                       output / "linear_classifier.pth")

@@ -8,7 +8,8 @@ queued key.
 import torch
 import torchvision.transforms as T
 from PIL import ImageFilter
-from torchvision.datasets import ImageFolder
+
+from transfer.image_folder import ImageFolder
 
 # ImageNet statistics in RGB order, as the official code and torchvision use.
 MEAN = [0.485, 0.456, 0.406]
@@ -78,10 +79,12 @@ def view_seed(seed, view_id):
 
 
 class TwoCropDataset(torch.utils.data.Dataset):
-    """ImageFolder that returns (im_q, im_k, view_id) for view ids epoch * len(images) + index."""
+    """ImageFolder that returns (im_q, im_k, view_id) for view ids epoch * len(images) + index.
 
-    def __init__(self, root, transform, seed=0):
-        self.images = ImageFolder(root)
+    ``skipped``: where undecodable images are listed (``transfer.image_folder``)."""
+
+    def __init__(self, root, transform, seed=0, skipped=None):
+        self.images = ImageFolder(root, skipped=skipped)
         self.transform = transform
         self.seed = seed
 

@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -20,11 +21,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 import yaml
-from torchvision.datasets import ImageFolder
 
 from transfer.errors import UserError
 from transfer import fileio
 from transfer.fileio import atomic_torch_save
+from transfer.image_folder import SKIPPED, ImageFolder, check_skipped, read_skipped
 from transfer.pretrain import knn
 from transfer.pretrain.augment import TwoCropDataset, ViewSampler, eval_transform, moco_augmentation
 from transfer.pretrain.moco import MoCo
@@ -293,7 +294,7 @@ def knn_loaders(train_dir, val_dir, cfg, batch):
     """Deterministic subsets (at most knn_max_images) of train (the bank) and val (the queries)."""
     loaders = []
     for root in (train_dir, val_dir):
-        images = ImageFolder(root, eval_transform(cfg.image_size))
+        images = ImageFolder(root, eval_transform(cfg.image_size), skipped=Path(cfg.output) / SKIPPED)
         n = min(len(images), cfg.knn_max_images)
         subset = torch.utils.data.Subset(images, torch.linspace(0, len(images) - 1, n).round().long().tolist())
         loaders.append(torch.utils.data.DataLoader(subset, batch_size=batch, num_workers=cfg.workers,
@@ -314,7 +315,8 @@ def two_crop_loader(cfg, proc, dataset, start_step):
         from transfer.pretrain.gpu_augment import GPUAugment
 
         return jpeg_data.GPUTwoCropLoader(
-            jpeg_data.JpegFolder(dataset.images.root), GPUAugment.from_transform(dataset.transform), local_batch,
+            jpeg_data.JpegFolder(dataset.images.root, skipped=dataset.images.skipped),
+            GPUAugment.from_transform(dataset.transform), local_batch,
             sampler=sampler, workers=cfg.workers, device=proc.device, seed=cfg.seed, channels_last=cfg.channels_last)
     return torch.utils.data.DataLoader(
         dataset, batch_size=local_batch, sampler=sampler, num_workers=cfg.workers,
@@ -332,7 +334,8 @@ class RunLogs:
 
         resume_step = start_step if resumed else None
         self.output = output
-        self.train = CsvLog(output / "log.csv", ["step", "epoch", "lr", "loss", "acc1", "images_per_s"], resume_step)
+        self.train = CsvLog(output / "log.csv", ["step", "epoch", "lr", "loss", "acc1", "images_per_s", "skipped_images"],
+                            resume_step)
         self.monitor = CsvLog(output / "monitor.csv", ["step", "epoch", "knn_top1", "dict_consistency"], resume_step)
         self.consistency = CsvLog(output / "dictionary_consistency.csv", ["step", "epoch", "age_steps", "cosine"], resume_step)
         self.tensorboard = SummaryWriter(output / "tb", purge_step=start_step)
@@ -364,7 +367,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     # As the official code: SGD over all parameters (the key encoder's have no gradient and are skipped).
     optimizer = torch.optim.SGD(model.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
 
-    dataset = TwoCropDataset(train_dir, moco_augmentation(cfg.image_size, cfg.aug_plus), seed=cfg.seed)
+    dataset = TwoCropDataset(train_dir, moco_augmentation(cfg.image_size, cfg.aug_plus), seed=cfg.seed,
+                             skipped=output / SKIPPED)
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"--data {train_dir}: {len(dataset)} images, fewer than one batch of --batch-size {cfg.batch_size}")
@@ -408,6 +412,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
             logs.close()
     if proc.world_size > 1:
         dist.barrier()
+    skipped = read_skipped(output / SKIPPED)
+    if proc.main and skipped:
+        print(f"{len(skipped)} image(s) could not be decoded and were replaced by the next image of "
+              f"their folder (listed in {output / SKIPPED})", file=sys.stderr)
     return checkpoint
 
 
@@ -482,7 +490,10 @@ class Run:
             tic = time.perf_counter()
 
     def log_step(self, step, epoch, lr, loss, acc1, images_per_s):
-        row = {"step": step, "epoch": epoch, "lr": lr, "loss": loss, "acc1": acc1, "images_per_s": images_per_s}
+        # undecodable images so far; past the limit the run stops here, with its last checkpoint kept
+        skipped = check_skipped(self.logs.output / SKIPPED, len(self.dataset))
+        row = {"step": step, "epoch": epoch, "lr": lr, "loss": loss, "acc1": acc1, "images_per_s": images_per_s,
+               "skipped_images": skipped}
         self.logs.train.append(row)
         for key in ("loss", "acc1", "lr", "images_per_s"):
             self.logs.tensorboard.add_scalar(f"train/{key}", row[key], step)

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.datasets import ImageFolder
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
+from transfer.image_folder import ImageFolder
 from transfer.pretrain.augment import view_seed
 from transfer.pretrain.gpu_augment import GPUAugment
 
@@ -46,8 +46,8 @@ class JpegFolder(torch.utils.data.Dataset):
     without a JPEG decoder, or to compare the two.
     """
 
-    def __init__(self, root, decode=False):
-        self.images = ImageFolder(root, loader=read_jpeg)
+    def __init__(self, root, decode=False, skipped=None):
+        self.images = ImageFolder(root, loader=read_jpeg, skipped=skipped)
         self.decode = decode
 
     def __len__(self):

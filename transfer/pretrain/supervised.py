@@ -11,10 +11,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 import torchvision
-from torchvision.datasets import ImageFolder
 
 from transfer.errors import UserError
 from transfer.fileio import atomic_torch_save, atomic_write_json
+from transfer.image_folder import ImageFolder
 from transfer.linear_eval import amp_dtype_for, evaluate
 from transfer.pretrain.augment import classification_transform, eval_transform
 
