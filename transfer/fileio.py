@@ -1,8 +1,10 @@
 """Atomic file writes (a reader, or a resumed suite, never sees a half-written file), file hashes,
 and YAML files read with a one-line error when they are not what they should be."""
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,18 +13,53 @@ import yaml
 from transfer.errors import UserError
 
 
+# Why a write can fail for want of room or permission: reported as one line naming the path.
+DISK_ERRORS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+
+
+class DiskError(UserError):
+    """A result or checkpoint could not be written (full disk, quota, read-only or forbidden folder)."""
+
+
+def free_space(folder) -> str:
+    """The free space of the file system holding ``folder`` (or its nearest existing parent)."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free"
+
+
+def disk_error(path, error: OSError) -> DiskError | None:
+    """The one-line DiskError for an OSError that is about room or permission, else None."""
+    if error.errno not in DISK_ERRORS:
+        return None
+    return DiskError(f"{path}: cannot write it: {DISK_ERRORS[error.errno]} ({free_space(Path(path).parent)})")
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync, rename: ``path`` is either the old
+    file or the whole new one. No room (checked first, as the size is known) or no permission is a
+    DiskError naming the path and the free space; the temporary file never stays behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if shutil.disk_usage(path.parent).free < len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise (disk_error(path, e) or e) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
