@@ -1,8 +1,9 @@
-"""Per-class results of every evaluator kind (transfer.d2.evaluation.per_class).
+"""Per-class results of every evaluator kind (transfer.d2.evaluation.per_class), and what each
+gives a model that predicts nothing.
 
 Each evaluator runs on a demo dataset with hand-made predictions: the ground truth, with some
 classes left out or moved, so that a per-class value sitting under the wrong class name, or a
-mean passed off as a class's value, fails.
+mean passed off as a class's value, fails; or no prediction at all.
 """
 import json
 
@@ -49,7 +50,8 @@ def _predictions(dicts, masks=False, keypoints=False, drop=(), shift=None):
         if masks:
             inst.pred_masks = torch.from_numpy(np.stack(
                 [_moved(polygons_to_bitmask(a["segmentation"], h, w), round(float(dx))) for a, dx in zip(anns, offsets)]
-            ).reshape(-1, h, w))
+                or [np.zeros((h, w), dtype=bool)]
+            )[: len(anns)])
         if keypoints:
             inst.pred_keypoints = torch.tensor([a["keypoints"] for a in anns], dtype=torch.float32).reshape(-1, 17, 3)
         inputs.append({"image_id": d["image_id"], "file_name": d["file_name"], "height": h, "width": w})
@@ -65,7 +67,9 @@ def _moved(mask, dx: int):
 
 def _evaluate(kind, dataset_name, output_dir, **predictions):
     """The kind's evaluator on ``_predictions``, as the results finetune() records (JSON values)."""
-    evaluator = evaluation.build_evaluator(kind, get_cfg(), dataset_name, str(output_dir))
+    cfg = get_cfg()  # a model that predicts what the predictions hold
+    cfg.MODEL.MASK_ON, cfg.MODEL.KEYPOINT_ON = predictions.get("masks", False), predictions.get("keypoints", False)
+    evaluator = evaluation.build_evaluator(kind, cfg, dataset_name, str(output_dir))
     evaluator.reset()
     evaluator.process(*_predictions(DatasetCatalog.get(dataset_name), **predictions))
     return evaluation.json_safe(evaluator.evaluate())
@@ -206,3 +210,85 @@ def test_per_class_turns_nan_and_negative_sentinels_into_none_and_skips_absent_s
     assert evaluation.per_class("coco", {}) == {}
     with pytest.raises(KeyError, match="unknown evaluator kind"):
         evaluation.per_class("kitti", results)
+
+
+# ------------------------------------------------------------------------------------------------
+# A model that predicts nothing: detectron2's COCO and LVIS evaluators give NaN and leave out the
+# segm / keypoints sections; every evaluator here gives AP 0 where the ground truth has instances.
+NOTHING = [("voc", "voc_2007_test", {}, {"bbox"}),
+           ("coco", "coco_2017_val", {"masks": True}, {"bbox", "segm"}),
+           ("coco", "keypoints_coco_2017_val", {"keypoints": True}, {"bbox", "keypoints"}),
+           ("lvis", "lvis_v1_val", {"masks": True}, {"bbox", "segm"}),
+           ("cityscapes_instance", "cityscapes_fine_instance_seg_val", {"masks": True}, {"segm"})]
+
+
+def _values(kind, results):
+    """Every headline metric of the kind and every per-class value, by name."""
+    headline = evaluation.headline_metrics(kind, results, evaluation.HEADLINES[kind])
+    values = {f"metric {name}": value for name, value in headline.items()}
+    values.update({f"{section} {name}": v for section, classes in evaluation.per_class(kind, results).items()
+                   for name, v in classes.items()})
+    return values
+
+
+@pytest.mark.parametrize("kind, dataset_name, predictions, sections", NOTHING,
+                         ids=["voc", "coco", "coco_keypoints", "lvis", "cityscapes_instance"])
+def test_no_predictions_score_0_wherever_the_ground_truth_makes_a_value_measurable(
+        kind, dataset_name, predictions, sections, root, tmp_path):
+    images = len(DatasetCatalog.get(dataset_name))
+    every_class = set(range(len(MetadataCatalog.get(dataset_name).thing_classes)))
+    nothing = _evaluate(kind, dataset_name, tmp_path / "nothing", drop=every_class, **predictions)
+    perfect = _evaluate(kind, dataset_name, tmp_path / "perfect", **predictions)  # the ground truth itself
+
+    assert set(nothing) == sections | {"predictions"}
+    assert nothing["predictions"] == {"images": images, "instances": 0}
+    # Whether a metric or class can be measured is the ground truth's business, not the predictions'.
+    empty, full = _values(kind, nothing), _values(kind, perfect)
+    measured = {name for name, value in full.items() if value is not None}
+    assert measured and {name for name, value in empty.items() if value is not None} == measured
+    assert {empty[name] for name in measured} == {0.0}
+
+    names = list(evaluation.HEADLINES[kind])
+    fields = evaluation.run_fields(kind, nothing, names)
+    assert (fields["no_predictions"], fields["images_evaluated"], fields["predicted_instances"]) == (True, images, 0)
+    assert evaluation.run_fields(kind, perfect, names)["no_predictions"] is False
+    # every value left out says why
+    missing = fields["not_measured"]
+    assert set(missing["metrics"]) == {name for name, value in
+                                       evaluation.headline_metrics(kind, nothing, names).items() if value is None}
+    for section, classes in evaluation.per_class(kind, nothing).items():
+        absent = [name for name, value in classes.items() if value is None]
+        assert missing["per_class"].get(section) == ({evaluation.NO_GROUND_TRUTH: absent} if absent else None)
+
+
+@pytest.mark.parametrize("kind, dataset_name", [("sem_seg", "voc_2012_sem_seg_val"),
+                                                ("cityscapes_sem_seg", "cityscapes_fine_sem_seg_val")])
+def test_a_segmentor_that_predicts_one_class_gets_iou_numbers_and_is_not_flagged(kind, dataset_name, root, tmp_path):
+    results = _semantic(kind, dataset_name, tmp_path, np.zeros_like)  # the first class everywhere
+    iou = evaluation.per_class(kind, results)["sem_seg"]
+    first = MetadataCatalog.get(dataset_name).stuff_classes[0]
+    assert 0.0 < evaluation.headline_metrics(kind, results, ["mIoU"])["mIoU"] < 100.0
+    assert iou[first] > 0.0 and {value for name, value in _measured(iou).items() if name != first} == {0.0}
+
+    fields = evaluation.run_fields(kind, results, ["mIoU"])
+    images = len(DatasetCatalog.get(dataset_name))
+    assert (fields["no_predictions"], fields["images_evaluated"]) == (False, images)
+    assert fields["predicted_instances"] is None  # a segmentor labels pixels, not instances
+    absent = [name for name, value in iou.items() if value is None]  # 0 / 0: not in the ground truth, not predicted
+    assert fields["not_measured"]["metrics"] == {}
+    assert fields["not_measured"]["per_class"].get("sem_seg") == ({evaluation.NOT_PRESENT: absent} if absent else None)
+
+
+def test_run_fields_say_why_each_missing_value_is_missing():
+    results = {"segm": {"AP": 0.0, "APr": -100.0, "APc": 0.0, "AP-cat": 0.0, "AP-owl": None},
+               "predictions": {"images": 5, "instances": 0}}
+    fields = evaluation.run_fields("lvis", results, ["APmk", "APr", "APc", "APbb"])
+    assert fields["no_predictions"] is True and fields["images_evaluated"] == 5
+    assert fields["not_measured"] == {
+        "metrics": {"APr": "no rare category in the ground truth", "APbb": "the evaluator returned no value"},
+        "per_class": {"segm": {evaluation.NO_GROUND_TRUTH: ["owl"]}}}
+    # no image evaluated: nothing is measured, and the model is not said to have predicted nothing
+    none = evaluation.run_fields("voc", {"predictions": {"images": 0, "instances": 0}}, ["AP"])
+    assert none["no_predictions"] is False and none["not_measured"]["metrics"] == {"AP": "no test image was evaluated"}
+    # results without counts: not known to be empty
+    assert evaluation.run_fields("voc", {"bbox": {"AP": 10.0}}, ["AP"])["no_predictions"] is False

@@ -28,7 +28,8 @@ from transfer.tasks import TASKS, get_task
 
 SCHEMA = {"status", "error", "task", "schedule", "seed", "weights", "weights_sha256", "metrics", "all_metrics",
           "s_per_iter", "wall_time_s", "peak_memory_mb", "precision", "iterations", "num_gpus", "versions",
-          "config", "dataset_split", "per_class"}
+          "config", "dataset_split", "per_class", "no_predictions", "images_evaluated", "predicted_instances",
+          "not_measured"}
 # Tasks whose demo runs must show learning, and the headline metric that must show it
 # (measured with make demo's weights: voc07 AP50 4-9, coco_fpn_1x APbb50 13-18; a custom COCO-json
 # FPN run APbb50 18 after 40 iterations).
@@ -69,6 +70,32 @@ def test_demo_schedule_trains_evaluates_and_records(name, moco_weights, demo_roo
     if name in LEARNS:
         assert record["metrics"][LEARNS[name]] > 2.0, record["metrics"]
     print(f"\n{name}: {seconds:.0f} s, {record['metrics']}")
+
+
+# One iteration, then a score threshold no detection reaches: the model predicts nothing.
+PREDICTS_NOTHING = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "1.01", "SOLVER.MAX_ITER", "1", "SOLVER.STEPS", "()",
+                    "TEST.PRECISE_BN.ENABLED", "False"]
+
+
+@pytest.mark.parametrize("name", ["voc07", "coco_fpn_1x", "lvis_1x", "cityscapes_inst"])
+def test_a_run_that_predicts_nothing_records_ap_0_with_the_flag(name, moco_weights, demo_root, tmp_path):
+    from detectron2.data import DatasetCatalog
+
+    record = ft.finetune(name, moco_weights, "demo", 0, tmp_path, demo_root, opts=PREDICTS_NOTHING)
+    assert record == read_record(tmp_path) and record["status"] == "ok" and record["iterations"] == 1
+    images = len(DatasetCatalog.get(TASKS[name].test[0]))
+    assert (record["no_predictions"], record["images_evaluated"], record["predicted_instances"]) == (True, images, 0)
+    # 0 where the ground truth has instances; missing, with the reason, where it has none
+    measured = {name: value for name, value in record["metrics"].items() if value is not None}
+    assert measured and set(measured.values()) == {0.0}, record["metrics"]
+    assert set(record["not_measured"]["metrics"]) == set(record["metrics"]) - set(measured)
+    for section, classes in record["per_class"].items():
+        assert {value for value in classes.values() if value is not None} == {0.0}, section
+        absent = [c for c, value in classes.items() if value is None]
+        why = record["not_measured"]["per_class"].get(section)
+        assert why == ({evaluation.NO_GROUND_TRUTH: absent} if absent else None), section
+    log = (tmp_path / "log.txt").read_text()
+    assert f"no predictions: the model predicted no instance on the {images} test images" in log
 
 
 def test_the_suite_runs_a_2x_demo_once_as_its_1x_demo(moco_weights, demo_root, tmp_path):

@@ -15,14 +15,14 @@ from transfer import report
 REPO = Path(__file__).resolve().parent.parent
 
 
-def write_run(output, weights, task, seed, metrics=None, status="ok", error=None, schedule="demo"):
+def write_run(output, weights, task, seed, metrics=None, status="ok", error=None, schedule="demo", **fields):
     folder = Path(output) / weights / task / schedule / f"seed{seed}"
     folder.mkdir(parents=True)
     record = {"status": status, "error": error, "task": task, "schedule": schedule, "seed": seed,
               "weights": f"/w/{weights}.pkl", "weights_sha256": weights * 4, "metrics": metrics or {},
               "s_per_iter": 0.5, "wall_time_s": 12.0, "iterations": 20, "num_gpus": 1,
               "precision": "fp32", "peak_memory_mb": None,
-              "versions": {"python": "3.11.9", "torch": "2.14.1", "detectron2": "0.6"}}
+              "versions": {"python": "3.11.9", "torch": "2.14.1", "detectron2": "0.6"}, **fields}
     (folder / "metrics.json").write_text(json.dumps(record))
 
 
@@ -102,6 +102,35 @@ def test_a_failed_run_is_reported_as_failed_not_averaged(suite_dir):
     assert "## Failed runs" in md
     assert "`moco/coco_fpn_1x/demo/seed1`: FloatingPointError: loss became NaN at iteration 7" in md
     assert "`moco/lvis_1x/demo/seed0`: CUDA out of memory" in md
+
+
+def test_runs_without_predictions_are_averaged_with_their_ap_of_0_and_marked(tmp_path):
+    aps = [40.0, 42.0, 44.0, 0.0, 0.0]  # trials 3 and 4: the model predicted nothing
+    for seed, ap in enumerate(aps):
+        write_run(tmp_path, "moco", "coco_fpn_1x", seed, {"APbb": ap, "APmk": ap},
+                  no_predictions=seed >= 3, images_evaluated=24)
+    for seed in range(2):  # records written before the field existed
+        write_run(tmp_path, "supervised", "coco_fpn_1x", seed, {"APbb": 41.0, "APmk": 38.0})
+    written = report.write_reports(tmp_path)
+
+    summary = pd.read_csv(written.summary_csv)
+    for metric in ("APbb", "APmk"):
+        moco = row(summary, "moco", "coco_fpn_1x", metric)
+        assert moco["n"] == 5 and moco["mean"] == pytest.approx(np.mean(aps))  # not the mean of the other 3
+        assert moco["no_predictions"] == 2 and moco["failed"] == 0
+        assert row(summary, "supervised", "coco_fpn_1x", metric)["no_predictions"] == 0
+    runs = pd.read_csv(written.runs).drop_duplicates(["weights", "seed"]).set_index(["weights", "seed"])
+    assert runs.loc["moco", "no_predictions"].tolist() == [False, False, False, True, True]
+    assert runs.loc["supervised", "no_predictions"].isna().all()
+
+    md = written.summary_md.read_text()
+    table = report.read_markdown_table(md).set_index(["weights", "metric"])
+    assert table.loc[("moco", "APbb"), "no predictions"] == 2 and table.loc[("moco", "APbb"), "mean"] == 25.2
+    assert table.loc[("supervised", "APbb"), "no predictions"] == 0
+    section = md[md.index("## Runs without predictions"):]
+    assert [line for line in section.splitlines() if line.startswith("- ")] == [
+        f"- `moco/coco_fpn_1x/demo/seed{seed}`: no predictions on 24 test images" for seed in (3, 4)]
+    assert "## Failed runs" not in md
 
 
 def test_csv_and_markdown_parse_back_to_the_same_numbers(suite_dir):

@@ -226,6 +226,27 @@ def test_a_failed_run_is_recorded_reported_and_run_again(tiny, tmp_path):
     assert "## Failed runs" in (output / "summary.md").read_text()
 
 
+def test_a_run_killed_by_sigkill_is_reported_as_killed_out_of_memory_with_its_peak_memory(tmp_path, monkeypatch):
+    import io
+    import re
+
+    # A stand-in for tools/finetune.py that fills 64 MiB and is killed as the OOM killer kills.
+    child = tmp_path / "finetune.py"
+    child.write_text("import os, signal\nheld = b'x' * (64 * 2**20)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    monkeypatch.setattr(suite, "FINETUNE", child)
+    runs = suite.plan([fake_weights(tmp_path, "moco")], ["voc07"], "demo", 1, tmp_path / "out")
+    shown = io.StringIO()
+    [outcome] = suite.run_suite(runs, suite.LocalLauncher(), stream=shown)
+    reason = re.fullmatch(r"killed \(out of memory\?\): tools/finetune.py got SIGKILL \(killed by signal 9\) "
+                          r"at a peak memory of (\d+) MiB",
+                          outcome.error or "")
+    assert outcome.status == "failed" and reason and int(reason[1]) >= 64, outcome.error
+    assert f"{runs[0].name}: FAILED: {outcome.error} (see " in shown.getvalue()
+    assert json.loads(runs[0].metrics_path.read_text())["error"] == outcome.error
+    report.write_reports(tmp_path / "out")
+    assert f": {outcome.error}" in (tmp_path / "out" / "summary.md").read_text()
+
+
 def test_slurm_launcher_submits_each_run_as_a_job(tiny, tmp_path):
     # submitit's "local" cluster runs the jobs the SLURM launcher submits as processes on this machine.
     task, pkl = tiny

@@ -10,6 +10,8 @@ data is missing while its fallback's is there (LVIS v1 -> v0.5, voc_sem -> voc_s
 the fallback, in a folder of that name, and the plan says so. Without --weights, the newest
 weights of a demo or pre-training run under results/ (or output/pretrain/) are used, and with
 the demo's, its supervised weights as --baseline; --output defaults to results/<label>-<schedule>.
+Without --schedule each task runs its own: full, or the one a custom dataset YAML names; a
+--schedule other than a YAML's overrides it, and the plan says so.
 
 Every (weights, task, trial) is one run with its own folder under --output; running the same
 command again skips finished runs and re-runs failed or interrupted ones; a run whose resolved
@@ -42,9 +44,10 @@ def parse_args(argv=None):
                         f"labelled '{suite.BASELINE}' and compared against")
     p.add_argument("--trials", type=int, default=1, help="runs per weights and task, seeds 0..N-1 "
                                                          "(the paper averages 5)")
-    p.add_argument("--schedule", default="full",
+    p.add_argument("--schedule",
                    help="full (the paper's), quick (1/8 of it) or demo (built-in demo data, CPU); "
-                        "a custom dataset YAML with its own schedule adds 'custom'")
+                        "a custom dataset YAML with its own schedule adds 'custom' (default: each "
+                        "task's own: full, or the schedule a custom dataset YAML names)")
     p.add_argument("--output", type=Path,
                    help="suite folder (default: results/<label of the first weights>-<schedule>)")
     p.add_argument("--datasets", type=Path,
@@ -110,6 +113,11 @@ def default_weights(args, root) -> None:
         print(f"baseline: {baseline} (no --baseline: the demo's supervised weights)", file=sys.stderr)
 
 
+def default_output(args, root, schedule: str) -> None:
+    args.output = Path(root) / "results" / f"{suite.weights_label(args.weights[0])}-{schedule}"
+    print(f"output: {args.output} (no --output)", file=sys.stderr)
+
+
 @cli
 def main(argv=None, root=suite.REPO):
     """``root``: where default weights are looked for and the default --output goes."""
@@ -118,12 +126,13 @@ def main(argv=None, root=suite.REPO):
     suite.expand_tasks(args.tasks)  # a misspelt task fails before anything is looked for or generated
     if not args.weights:
         default_weights(args, Path(root))
-    if args.output is None:
-        args.output = Path(root) / "results" / f"{suite.weights_label(args.weights[0])}-{args.schedule}"
-        print(f"output: {args.output} (no --output)", file=sys.stderr)
+    if args.output is None and args.schedule:
+        default_output(args, root, args.schedule)
     datasets = datasets_root(args)
-    notes = []
-    tasks = suite.resolve_tasks(args.tasks, args.schedule, datasets, notes)
+    notes, schedules = [], {}
+    tasks = suite.resolve_tasks(args.tasks, args.schedule, datasets, notes, schedules)
+    if args.output is None:  # each task's own schedule: known once the tasks are
+        default_output(args, root, "-".join(dict.fromkeys(schedules.values())))
     weights = [suite.prepare_weights(w, args.output) for w in args.weights]
     if any(w.label == suite.BASELINE for w in weights):
         raise UserError(f"--weights: the label '{suite.BASELINE}' is reserved for --baseline")
@@ -131,7 +140,7 @@ def main(argv=None, root=suite.REPO):
         weights.insert(0, suite.prepare_weights(str(args.baseline), args.output, label=suite.BASELINE))
     launcher = make_launcher(args, datasets)
     suite.check_datasets(tasks, datasets)
-    runs = suite.plan(weights, tasks, args.schedule, args.trials, args.output)
+    runs = suite.plan(weights, tasks, schedules, args.trials, args.output)
     suite.check_settings(args.output, args.opts)
     repeats = suite.repeated_runs(runs, args.num_gpus, datasets, args.opts)
     try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import logging
+import os
 import platform
 import subprocess
 import time
@@ -44,6 +45,7 @@ from transfer.d2.config import get_cfg, merge_config_file
 from transfer.d2.launch import launch
 from transfer.errors import UserError
 from transfer.tasks import MIN_BN_GROUP, REPO, Task, get_task
+from transfer.tasks.custom import image_size_settings
 
 logger = logging.getLogger("transfer.finetune")
 
@@ -85,7 +87,32 @@ def apply_schedule(cfg: CfgNode, task: Task, schedule: str) -> None:
         _scale_iterations(cfg, plan.fraction)
     if plan.overlay:
         merge_config_file(cfg, REPO / plan.overlay)
+    length = cfg.SOLVER.MAX_ITER
     cfg.merge_from_list(_dotted(dict(plan.settings)))
+    if "SOLVER.MAX_ITER" in plan.settings:
+        _fit_to_length(cfg, length, plan.settings)
+
+
+# Warm-up and precise BN take at most this share of a schedule that sets its own length: the
+# config's 100 warm-up iterations would keep a 30-iteration run below its LR throughout.
+FITTED_SHARE = 0.1
+
+
+def _fit_to_length(cfg: CfgNode, length: int, given) -> None:
+    """A schedule that sets MAX_ITER (a custom dataset's own) in place of ``length``: the LR steps
+    it leaves out keep their fractions of the run, warm-up and precise BN their count up to a
+    tenth of the run each. What it does set stays as set."""
+    max_iter, cap = cfg.SOLVER.MAX_ITER, max(1, round(FITTED_SHARE * cfg.SOLVER.MAX_ITER))
+    if "SOLVER.STEPS" not in given:
+        steps = {round(s * max_iter / length) for s in cfg.SOLVER.STEPS}
+        cfg.SOLVER.STEPS = tuple(sorted(s for s in steps if 0 < s < max_iter))
+    if "SOLVER.WARMUP_ITERS" not in given:
+        cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, cap)
+    if not {"TEST.PRECISE_BN.NUM_ITER", "TEST.PRECISE_BN.ENABLED"} & set(given):
+        cfg.TEST.PRECISE_BN.NUM_ITER = min(cfg.TEST.PRECISE_BN.NUM_ITER, cap)
+    logger.info("schedule of %d iterations: LR steps %s, warm-up %d, precise BN %s", max_iter,
+                list(cfg.SOLVER.STEPS), cfg.SOLVER.WARMUP_ITERS,
+                cfg.TEST.PRECISE_BN.NUM_ITER if cfg.TEST.PRECISE_BN.ENABLED else "off")
 
 
 def _scale_iterations(cfg: CfgNode, factor: float) -> None:
@@ -154,8 +181,47 @@ def _fit_norms(cfg: CfgNode, num_gpus: int, on_gpu: bool) -> None:
         return
     for key, node, value in list(_norms(cfg)):
         if value == "SyncBN":
-            logger.warning("%s: %s: using %s", key, why, replacement)
+            _warn_once(f"{key}: {why}: using {replacement}")
             node["NORM"] = replacement
+
+
+# Per process, for a custom task on CPUs whose YAML chooses neither: detectron2's 16 images of
+# 800 px need more memory than a CPU machine has (such runs are killed).
+CPU_IMS_PER_PROCESS = 2
+CPU_IMAGE_SIZE = 512
+
+
+def _fit_device(cfg: CfgNode, task: Task, schedule: str, num_gpus: int) -> None:
+    """Loader workers at most the cores; a custom task on CPUs gets a batch and image size a CPU
+    holds where its YAML set neither (and an LR it did not set scaled with the batch)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cfg.DATALOADER.NUM_WORKERS = min(cfg.DATALOADER.NUM_WORKERS, cores // num_gpus)
+    plan = task.schedules[schedule]
+    if torch.cuda.is_available() or not task.name.endswith((".yaml", ".yml")) or plan.overlay:
+        return  # an overlay (demo) sets sizes of its own
+    changed, batch = [], cfg.SOLVER.IMS_PER_BATCH
+    if "SOLVER.IMS_PER_BATCH" not in plan.settings and batch > CPU_IMS_PER_PROCESS * num_gpus:
+        cfg.SOLVER.IMS_PER_BATCH = CPU_IMS_PER_PROCESS * num_gpus
+        changed.append(f"batch {batch} -> {cfg.SOLVER.IMS_PER_BATCH}")
+        if "SOLVER.BASE_LR" not in plan.settings:  # the linear scaling rule
+            lr, cfg.SOLVER.BASE_LR = cfg.SOLVER.BASE_LR, cfg.SOLVER.BASE_LR * cfg.SOLVER.IMS_PER_BATCH / batch
+            changed.append(f"BASE_LR {lr:g} -> {cfg.SOLVER.BASE_LR:g}")
+    if "INPUT.MIN_SIZE_TEST" not in task.overrides and cfg.INPUT.MIN_SIZE_TEST > CPU_IMAGE_SIZE:
+        changed.append(f"images {cfg.INPUT.MIN_SIZE_TEST} -> {CPU_IMAGE_SIZE} px")
+        cfg.merge_from_list(_dotted(image_size_settings(cfg, CPU_IMAGE_SIZE)))
+    if changed:
+        _warn_once(f"{task.name}: on a CPU, {', '.join(changed)} (the YAML's schedule: ims_per_batch and "
+                   "image_size: set them)")
+
+
+_SAID: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    # A suite resolves each run's config in its own process too: one line per cause, not per run.
+    if message not in _SAID:
+        _SAID.add(message)
+        logger.warning(message)
 
 
 def task_config(task: Task) -> CfgNode:
@@ -183,6 +249,7 @@ def resolve_config(task: Task, weights, schedule: str, seed: int = 0, output_dir
     cfg.merge_from_list(_dotted(owned))
 
     apply_schedule(cfg, task, schedule)
+    _fit_device(cfg, task, schedule, num_gpus)
     scale_for_gpus(cfg, num_gpus, max_ims_per_gpu, allow_small_batch)
     try:
         cfg.merge_from_list(list(opts))
@@ -292,6 +359,7 @@ def provenance(cfg: CfgNode, task: Task, num_gpus: int) -> dict:
         "protocol": task.protocol, "norm": cfg.MODEL.RESNETS.NORM, "freeze_at": cfg.MODEL.BACKBONE.FREEZE_AT,
         "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH, "base_lr": cfg.SOLVER.BASE_LR,
         "max_iter": cfg.SOLVER.MAX_ITER, "steps": list(cfg.SOLVER.STEPS), "warmup_iters": cfg.SOLVER.WARMUP_ITERS,
+        "precise_bn_iters": cfg.TEST.PRECISE_BN.NUM_ITER if cfg.TEST.PRECISE_BN.ENABLED else 0,
         "bn_group_images": group, "small_batch": group is not None and group < MIN_BN_GROUP,
         "gpu_model": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "detectron2_compiled": d2compat.has_compiled_ops(), "git_commit": git_commit(),
@@ -414,12 +482,16 @@ def finetune(task, weights, schedule: str | None, seed: int, output_dir, dataset
         metrics=evaluation.headline_metrics(task.evaluator, results, task.metrics),
         all_metrics=results,
         per_class=evaluation.per_class(task.evaluator, results),
+        **evaluation.run_fields(task.evaluator, results, task.metrics),
         s_per_iter=result["s_per_iter"],
         wall_time_s=time.time() - start,
         peak_memory_mb=result["peak_memory_mb"],
         iterations=result["iterations"],
     )
     fileio.atomic_write_json(output_dir / "metrics.json", record)
+    if record["no_predictions"]:  # the run's APs are 0 because of the model, not of the evaluation: say so
+        logger.warning("no predictions: the model predicted no instance on the %d test images; its AP is 0 "
+                       "(metrics.json: no_predictions true)", record["images_evaluated"])
     if not keep_checkpoints:
         for path in [*output_dir.glob("model_*.pth"), output_dir / "last_checkpoint"]:
             path.unlink(missing_ok=True)
@@ -433,4 +505,6 @@ def _one_line(error: Exception) -> str:
     text = str(error).strip()
     if "Traceback" in text:
         return text.splitlines()[-1].strip()
+    if "is killed by signal: Killed" in text:  # the kernel's OOM killer took a data loader worker
+        return f"killed (out of memory?): a data loader worker got SIGKILL ({text.splitlines()[0]})"
     return f"{type(error).__name__}: {text}"

@@ -8,16 +8,19 @@ files alone this module writes:
                     iterations after any scaling, protocol, GPUs, versions, git commit);
                     a failed run is one row with its error and no metric.
 - ``summary.csv``   per weights x task x schedule x metric: mean, std, n (trials that have the
-                    metric), the mean's 95% interval, failed (trials that failed); against the
+                    metric), the mean's 95% interval, failed (trials that failed), no_predictions
+                    (trials whose model predicted nothing, averaged with their AP of 0); against the
                     supervised baseline the delta, its 95% interval, p-value, test and whether it is
                     significant (transfer/stats.py); the published numbers of the same task,
                     schedule and protocol.
 - ``per_class.csv`` per weights x task x schedule x class: mean AP (IoU) over trials, delta vs baseline.
 - ``summary.md``    the table in Markdown, the published numbers, the classes that gained or lost
-                    most, and the failed runs.
+                    most, the failed runs and the runs without predictions.
 - ``deltas.png``    a bar chart of the deltas against the baseline (the paper's green / red).
 
-Failed runs are never averaged, and a metric a run did not report stays missing (never zero).
+Failed runs are never averaged, and a metric a run did not report stays missing (never zero). A
+run whose model predicted nothing did report its metrics: AP 0 (``no_predictions`` in its
+metrics.json); it is averaged like any other run, and marked.
 A run that fell back to another task (LVIS v1 -> v0.5) is reported under the task that ran.
 """
 from __future__ import annotations
@@ -38,13 +41,13 @@ KEYS = ["weights", "task", "schedule"]
 
 # metrics.json fields copied into runs.csv beside each metric (absent fields stay empty).
 RUN_FIELDS = ["s_per_iter", "wall_time_s", "iterations", "num_gpus", "precision", "peak_memory_mb",
-              "weights_path", "weights_sha256", "same_run_as"]
+              "weights_path", "weights_sha256", "same_run_as", "no_predictions", "images_evaluated"]
 # metrics.json "provenance" fields (transfer/finetune.py): what the run really trained with.
 PROVENANCE = ["protocol", "norm", "freeze_at", "ims_per_batch", "base_lr", "max_iter", "warmup_iters",
-              "bn_group_images", "small_batch", "gpu_model", "detectron2_compiled", "git_commit"]
+              "precise_bn_iters", "bn_group_images", "small_batch", "gpu_model", "detectron2_compiled", "git_commit"]
 HATCHES = ["", "//", "..", "xx", "\\\\", "++"]
 VERSIONS = ["python", "torch", "torchvision", "detectron2", "moco_transfer"]
-SUMMARY = KEYS + ["metric", "mean", "std", "n", "ci_low", "ci_high", "failed",
+SUMMARY = KEYS + ["metric", "mean", "std", "n", "ci_low", "ci_high", "failed", "no_predictions",
                   "delta", "delta_ci_low", "delta_ci_high", "p_value", "test", "significant"]
 TOP_CLASSES = 5  # per task and weights, the classes with the largest gains and losses in summary.md
 
@@ -197,8 +200,9 @@ def _by_seed(ok: pd.DataFrame, weights, task, schedule, metric) -> pd.Series:
 
 
 def summarize(runs: pd.DataFrame, baseline: str = BASELINE, published: pd.DataFrame | None = None):
-    """Per weights x task x schedule x metric: mean, std, n, its interval, failed; the delta vs the
-    baseline with its interval and test (see transfer/stats.py); published numbers.
+    """Per weights x task x schedule x metric: mean, std, n, its interval, failed, no_predictions
+    (successful trials whose model predicted nothing: counted in n with their values); the delta vs
+    the baseline with its interval and test (see transfer/stats.py); published numbers.
 
     The metrics of a (task, schedule) are those any successful run of it reported; a weights whose
     runs lack one of them gets that row with n = 0 and no mean. A (weights, task, schedule) whose
@@ -209,6 +213,7 @@ def summarize(runs: pd.DataFrame, baseline: str = BASELINE, published: pd.DataFr
     ok = runs[runs["status"] == "ok"]
     one_per_run = runs.drop_duplicates(KEYS + ["seed"])
     failed = (one_per_run[one_per_run["status"] != "ok"].groupby(KEYS).size().rename("failed"))
+    empty = _without_predictions(one_per_run).groupby(KEYS).size()
     metrics_of = ok.dropna(subset=["metric"]).groupby(["task", "schedule"], sort=False)["metric"].unique()
 
     rows = []
@@ -220,7 +225,8 @@ def summarize(runs: pd.DataFrame, baseline: str = BASELINE, published: pd.DataFr
                    "mean": values.mean() if len(values) else math.nan,
                    "std": values.std(ddof=1) if len(values) > 1 else math.nan,
                    "n": len(values), "ci_low": low, "ci_high": high,
-                   "failed": int(failed.get((weights, task, schedule), 0))}
+                   "failed": int(failed.get((weights, task, schedule), 0)),
+                   "no_predictions": int(empty.get((weights, task, schedule), 0))}
             if weights != baseline:
                 row.update(_against(values, _by_seed(ok, baseline, task, schedule, name)))
             rows.append(row)
@@ -235,6 +241,11 @@ def summarize(runs: pd.DataFrame, baseline: str = BASELINE, published: pd.DataFr
     if published is not None:
         summary = _published_columns(summary, published)
     return summary
+
+
+def _without_predictions(runs: pd.DataFrame) -> pd.DataFrame:
+    """The rows of successful runs whose model predicted nothing (older records lack the field)."""
+    return runs[(runs["status"] == "ok") & runs["no_predictions"].eq(True)]
 
 
 def _against(values: pd.Series, base: pd.Series) -> dict:
@@ -291,7 +302,7 @@ def _main_table(summary: pd.DataFrame, baseline: str) -> str:
         **{k: summary[k] for k in KEYS + ["metric"]},
         "mean": [_cell(v) for v in summary["mean"]], "std": [_cell(v) for v in summary["std"]],
         "n": summary["n"], "95% CI": [_interval(lo, hi) for lo, hi in zip(summary["ci_low"], summary["ci_high"])],
-        "failed": summary["failed"],
+        "failed": summary["failed"], "no predictions": summary["no_predictions"],
         f"delta vs {baseline}": [_cell(v, signed=True) for v in summary["delta"]],
         "delta 95% CI": [_interval(lo, hi, True) for lo, hi in zip(summary["delta_ci_low"], summary["delta_ci_high"])],
         "p": [_p(v) for v in summary["p_value"]],
@@ -357,6 +368,7 @@ def to_markdown(summary: pd.DataFrame, runs: pd.DataFrame, baseline: str = BASEL
     lines = ["# Transfer results", "",
              f"Mean and std over trials (seeds); n = trials with the metric; 95% CI = the mean's "
              f"confidence interval (t distribution); failed = trials that failed (never averaged); "
+             f"no predictions = trials whose model predicted nothing (averaged, with AP 0); "
              f"delta = mean minus the mean of `{baseline}`, with its 95% interval and the p-value of a "
              f"paired t-test (both ran the same seeds) or Welch's t-test; significant = p < {stats.ALPHA:.2f}; "
              f"{stats.NO_TEST} with fewer than {stats.MIN_TRIALS} trials on either side.", "",
@@ -372,7 +384,22 @@ def to_markdown(summary: pd.DataFrame, runs: pd.DataFrame, baseline: str = BASEL
             error = str(r.error or "no error recorded").strip().splitlines()
             lines.append(f"- `{r.run_dir}`: {error[-1] if error else ''}")
         lines.append("")
+    lines += _no_predictions_section(runs)
     return "\n".join(lines)
+
+
+def _no_predictions_section(runs: pd.DataFrame) -> list[str]:
+    """Runs that count with AP 0 because their model predicted nothing, so that a low mean can be
+    traced to them."""
+    empty = _without_predictions(runs).drop_duplicates(KEYS + ["seed"])
+    if empty.empty:
+        return []
+    lines = ["## Runs without predictions", "",
+             "Their model predicted no instance on any test image: AP 0, averaged with the other trials.", ""]
+    lines += [f"- `{r.run_dir}`: no predictions on "
+              + (f"{int(r.images_evaluated)} test images" if pd.notna(r.images_evaluated) else "the test images")
+              for r in empty.itertuples(index=False)]
+    return lines + [""]
 
 
 def read_markdown_table(text: str) -> pd.DataFrame:

@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -151,15 +152,19 @@ def expand_tasks(spec: str) -> list[str]:
     return specs
 
 
-def resolve_tasks(spec: str, schedule: str, datasets_root=None, notes: list | None = None) -> dict[str, str]:
+def resolve_tasks(spec: str, schedule: str | None, datasets_root=None, notes: list | None = None,
+                  schedules: dict | None = None) -> dict[str, str]:
     """Task names, families and custom dataset YAML files (``expand_tasks``) -> {folder name: spec}.
 
     A task whose datasets are missing under ``datasets_root`` (default: $DETECTRON2_DATASETS,
     else ./datasets) while its fallback's are there becomes the fallback, so its runs are filed
     and reported under the task that trains; ``notes`` gets one line saying so. A custom task's
-    folder is its YAML's stem.
+    folder is its YAML's stem. ``schedules`` gets {folder name: the schedule its runs use}:
+    ``schedule``, or with None each task's default (a custom YAML's own); a named schedule other
+    than the one a YAML names gets a line in ``notes``.
     """
     from transfer.tasks import fallback_note, get_task, resolve_fallback
+    from transfer.tasks.custom import yaml_schedule
 
     tasks = {}
     for one in expand_tasks(spec):
@@ -170,9 +175,15 @@ def resolve_tasks(spec: str, schedule: str, datasets_root=None, notes: list | No
             if task is not asked and notes is not None:
                 notes.append(fallback_note(asked, task, datasets_root))
         name = Path(one).stem if custom else task.name
-        if schedule not in task.schedules:
+        if schedule is not None and schedule not in task.schedules:
             raise UserError(f"--schedule: task {name} has no '{schedule}' schedule "
                             f"(it has: {', '.join(task.schedules)})")
+        own = yaml_schedule(one) if custom else None
+        if schedule is not None and own not in (None, schedule) and notes is not None:
+            notes.append(f"{name}: --schedule {schedule} overrides the schedule its YAML names ({own}: "
+                         f"{task.schedules[own].description or own}); leave --schedule out to run that one")
+        if schedules is not None:
+            schedules[name] = schedule or task.default_schedule
         value = str(Path(one).resolve()) if custom else task.name
         if not LABEL.match(name) or tasks.get(name, value) != value:
             raise UserError(f"--tasks {one}: the task folder name '{name}' is not usable or not unique")
@@ -213,8 +224,9 @@ def check_settings(output, opts=()) -> None:
         atomic_write_json(path, wanted)
 
 
-def plan(weights: list[Weights], tasks, schedule: str, trials: int, output) -> list[Run]:
-    """Every (task, trial, weights) run, in that order; ``tasks``: names, or {name: spec}."""
+def plan(weights: list[Weights], tasks, schedule, trials: int, output) -> list[Run]:
+    """Every (task, trial, weights) run, in that order; ``tasks``: names, or {name: spec};
+    ``schedule``: one for every task, or {name: schedule} (``resolve_tasks``'s ``schedules``)."""
     if trials < 1:
         raise UserError(f"--trials: must be at least 1, got {trials}")
     labels = [w.label for w in weights]
@@ -223,7 +235,8 @@ def plan(weights: list[Weights], tasks, schedule: str, trials: int, output) -> l
         raise UserError(f"--weights: the label {duplicates[0]} is used twice; name them with LABEL=PATH")
     output = Path(output).resolve()
     tasks = tasks if isinstance(tasks, dict) else {name: name for name in tasks}
-    return [Run(w, task, schedule, seed, output, task_spec)
+    schedules = schedule if isinstance(schedule, dict) else {task: schedule for task in tasks}
+    return [Run(w, task, schedules[task], seed, output, task_spec)
             for task, task_spec in tasks.items() for seed in range(trials) for w in weights]
 
 
@@ -358,12 +371,34 @@ def _note_attempt(run: Run, what: str) -> None:
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()} on {socket.gethostname()}: {what}\n")
 
 
-def _record_failure(run: Run, error: str) -> None:
+def _record_failure(run: Run, error: str, log_tail: str = "") -> None:
     """A metrics.json for a run that died without writing one (killed, out of memory, ...)."""
-    atomic_write_json(run.metrics_path, {
-        "status": "failed", "error": error, "task": run.task, "schedule": run.schedule,
-        "seed": run.seed, "weights": str(run.weights.path), "weights_sha256": run.weights.sha256,
-        "metrics": {}})
+    record = {"status": "failed", "error": error, "task": run.task, "schedule": run.schedule,
+              "seed": run.seed, "weights": str(run.weights.path), "weights_sha256": run.weights.sha256,
+              "metrics": {}}
+    if log_tail:  # beside the error, which reports show as its one line
+        record["log_tail"] = log_tail
+    atomic_write_json(run.metrics_path, record)
+
+
+def _wait(process: subprocess.Popen) -> tuple[int, float | None]:
+    """The process's exit code (-N: signal N) and peak memory in MiB: wait4 reports that child's
+    own resource use, where getrusage would give the largest of all children so far."""
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    peak = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB on Linux
+    return process.returncode, peak or None
+
+
+def _exit_reason(code: int, peak_mb: float | None) -> str:
+    """Why tools/finetune.py ended without writing metrics.json, in one line."""
+    if code == -signal.SIGKILL:  # what the kernel's OOM killer sends (and `kill -9`)
+        peak = f" at a peak memory of {peak_mb:.0f} MiB" if peak_mb else ""
+        return f"killed (out of memory?): tools/finetune.py got SIGKILL (killed by signal 9){peak}"
+    if code < 0:
+        name = f" ({signal.Signals(-code).name})" if -code in signal.valid_signals() else ""
+        return f"tools/finetune.py was killed by signal {-code}{name}"
+    return f"tools/finetune.py exited with code {code} without writing metrics.json"
 
 
 def execute(run: Run, num_gpus: int = 1, datasets=None, opts=(), wait: bool = False) -> Outcome:
@@ -386,7 +421,7 @@ def execute(run: Run, num_gpus: int = 1, datasets=None, opts=(), wait: bool = Fa
                 process = subprocess.Popen(finetune_command(run, num_gpus, datasets, opts), cwd=REPO,
                                            stdout=out, stderr=subprocess.STDOUT, pass_fds=(lock.fd,))
                 try:
-                    code = process.wait()
+                    code, peak_mb = _wait(process)
                 except BaseException:  # Ctrl-C / SIGTERM: stop the run, leave it "interrupted"
                     process.terminate()
                     try:
@@ -399,11 +434,7 @@ def execute(run: Run, num_gpus: int = 1, datasets=None, opts=(), wait: bool = Fa
             _note_attempt(run, f"exit code {code}")
             record = read_metrics(run)
             if record is None:
-                error = f"tools/finetune.py exited with code {code} without writing metrics.json"
-                if code < 0:
-                    error = f"tools/finetune.py was killed by signal {-code}"
-                tail = _log_tail(log)
-                _record_failure(run, error + (f"; last lines of {log}:\n{tail}" if tail else ""))
+                _record_failure(run, _exit_reason(code, peak_mb), _log_tail(log))
                 record = read_metrics(run)
     except RunBusy as busy:
         return Outcome(run, "busy", error=f"running in {busy}")

@@ -9,11 +9,22 @@ COCOEvaluator names them (``AP-<class>``; ``AP50-<class>``, ``IoU-<class>``, ``i
 ``per_class`` collects them. Where detectron2 computes them in a library call and keeps only the
 mean (VOC, LVIS, Cityscapes), the subclasses below record that call's result instead of redoing
 the evaluation.
+
+Each evaluator counts the test images and the instances predicted on them (the results'
+``predictions`` section). A model that predicts no instance at all gets the metrics' values for
+an empty prediction set: AP 0 wherever the ground truth has instances, missing where it has none,
+as for any other prediction set. detectron2's COCO and LVIS evaluators give NaN for every metric
+instead (and only a ``bbox`` section when the sections are read off the predictions), so for them
+``_evaluate_no_predictions`` has pycocotools / lvis score an empty result set. VOC's ``voc_eval``
+and the Cityscapes script score an empty set 0 themselves; a semantic segmentor labels every
+pixel, so its IoUs are always numbers. ``run_fields`` turns the counts into metrics.json's
+``no_predictions`` and says why each missing value is missing.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import math
 import os
 from collections import defaultdict
@@ -32,6 +43,7 @@ from detectron2.evaluation import (
     SemSegEvaluator,
     pascal_voc_evaluation,
 )
+from detectron2.utils import comm
 
 
 @contextlib.contextmanager
@@ -60,7 +72,51 @@ def _recording(module, name):
         setattr(module, name, original)
 
 
-class _PascalVOCEvaluator(PascalVOCDetectionEvaluator):
+PREDICTIONS = "predictions"  # the results' section with the counts: {"images": N, "instances": M}
+
+
+class _CountingPredictions:
+    """Mixin for a detectron2 evaluator (listed first among the bases): counts the images it is
+    given and the instances predicted on them into the results' ``predictions`` section; when no
+    image got an instance, the sections ``_evaluate_no_predictions()`` returns replace the
+    evaluator's (none by default: VOC and Cityscapes score an empty set themselves).
+    """
+
+    counts_instances = True  # False for semantic segmentation: every pixel gets a class
+
+    def reset(self):
+        super().reset()
+        self._images, self._instances = 0, 0
+
+    def process(self, inputs, outputs):
+        super().process(inputs, outputs)
+        self._images += len(inputs)
+        if self.counts_instances:
+            self._instances += sum(len(output["instances"]) for output in outputs if "instances" in output)
+
+    def evaluate(self, *args, **kwargs):
+        counts = comm.gather((self._images, self._instances), dst=0)  # every process evaluates
+        results = super().evaluate(*args, **kwargs)
+        if not comm.is_main_process():
+            return results
+        images, instances = (sum(column) for column in zip(*counts))
+        results = dict(results or {})
+        if self.counts_instances and images and not instances:
+            results.update(self._evaluate_no_predictions())
+        results[PREDICTIONS] = {"images": images, **({"instances": instances} if self.counts_instances else {})}
+        return results
+
+    def _evaluate_no_predictions(self) -> dict:
+        return {}
+
+
+def _tasks(cfg) -> tuple:
+    """The sections a COCO-style evaluator scores, from what the model predicts (not from the
+    predictions, which may be none)."""
+    return ("bbox",) + (("segm",) if cfg.MODEL.MASK_ON else ()) + (("keypoints",) if cfg.MODEL.KEYPOINT_ON else ())
+
+
+class _PascalVOCEvaluator(_CountingPredictions, PascalVOCDetectionEvaluator):
     """detectron2's VOC evaluator, plus each class's AP (mean over IoU 0.50:0.95) and AP50.
 
     detectron2 runs ``voc_eval`` once per class and IoU threshold and keeps only the means over
@@ -81,7 +137,7 @@ class _PascalVOCEvaluator(PascalVOCDetectionEvaluator):
         return results
 
 
-class _COCOEvaluator(COCOEvaluator):
+class _COCOEvaluator(_CountingPredictions, COCOEvaluator):
     """detectron2's COCO evaluator, with ``AP-<class>`` also for a dataset of one class.
 
     COCOEvaluator lists per-category AP only when there are several categories; with one (COCO
@@ -100,8 +156,27 @@ class _COCOEvaluator(COCOEvaluator):
                     section.setdefault(f"AP-{self._classes[0]}", section["AP"])
         return results
 
+    def _evaluate_no_predictions(self):
+        # pycocotools' loadRes reads the first result, so it cannot take an empty list: the empty
+        # result set is a COCO() with the ground truth's images and categories and no annotation
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
 
-class _LVISEvaluator(LVISEvaluator):
+        nothing = COCO()
+        nothing.dataset = {**self._coco_api.dataset, "annotations": []}
+        nothing.createIndex()
+        results = {}
+        for task in self._tasks:
+            # with no detection, no OKS (or IoU) is computed: the keypoint sigmas do not matter
+            coco_eval = COCOeval(self._coco_api, nothing, task)
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+            coco_eval.summarize()
+            results[task] = self._derive_coco_results(coco_eval, task, class_names=self._classes)
+        return results
+
+
+class _LVISEvaluator(_CountingPredictions, LVISEvaluator):
     """detectron2's LVIS evaluator, plus ``AP-<category>`` per category (LVIS's category names).
 
     detectron2 builds one ``lvis.LVISEval`` per section and keeps its summary only; the recorded
@@ -119,6 +194,30 @@ class _LVISEvaluator(LVISEvaluator):
                 results[section].update(_lvis_per_category(lvis_eval))
         return results
 
+    def _evaluate_no_predictions(self):
+        import lvis
+
+        results = {}
+        for task in self._tasks:
+            # looked up in the module, as detectron2 does, so that evaluate() records it too
+            lvis_eval = lvis.LVISEval(self._lvis_api, _no_lvis_results(self._lvis_api), task)
+            lvis_eval.run()
+            results[task] = {name: float(value) * 100 for name, value in lvis_eval.get_results().items()
+                             if name.startswith("AP")}  # the metrics detectron2 keeps
+        return results
+
+
+def _no_lvis_results(lvis_gt):
+    """An ``lvis.LVISResults`` with no detection: its constructor reads the first result to tell
+    boxes from masks, so it cannot take an empty list; this is what it would build from one."""
+    from lvis import LVISResults
+
+    results = LVISResults.__new__(LVISResults)
+    results.logger = logging.getLogger("lvis.results")
+    results.dataset = {**lvis_gt.dataset, "annotations": []}
+    results._create_index()
+    return results
+
 
 def _lvis_per_category(lvis_eval) -> dict:
     """``{"AP-<name>": AP}`` as LVISEval's summary averages: the precision entries that are not -1
@@ -134,7 +233,7 @@ def _lvis_per_category(lvis_eval) -> dict:
     return out
 
 
-class _CityscapesInstanceEvaluator(CityscapesInstanceEvaluator):
+class _CityscapesInstanceEvaluator(_CountingPredictions, CityscapesInstanceEvaluator):
     """detectron2's Cityscapes instance evaluator, plus the official script's per-class AP and AP50.
 
     cityscapesscripts writes ``matches.json`` into the working directory: keep it in ours.
@@ -149,16 +248,24 @@ class _CityscapesInstanceEvaluator(CityscapesInstanceEvaluator):
 
         with contextlib.chdir(self._output_dir), _recording(cityscapes_eval, "evaluateImgLists") as calls:
             results = super().evaluate()
-        if results:
+        if results and calls:
             for name, scores in calls[-1][1]["averages"]["classes"].items():
                 results["segm"][f"AP-{name}"] = float(scores["ap"]) * 100
                 results["segm"][f"AP50-{name}"] = float(scores["ap50%"]) * 100
         return results
 
 
-class _CityscapesSemSegEvaluator(CityscapesSemSegEvaluator):
+class _SemSegEvaluator(_CountingPredictions, SemSegEvaluator):
+    """detectron2's semantic segmentation evaluator (it has ``IoU-<class>`` already), counting images."""
+
+    counts_instances = False
+
+
+class _CityscapesSemSegEvaluator(_CountingPredictions, CityscapesSemSegEvaluator):
     """detectron2's call of the official Cityscapes script, plus its per-class IoU (the 19
     evaluated classes) and per-class iIoU (those of them with instances)."""
+
+    counts_instances = False
 
     def evaluate(self):
         # imported here, as detectron2 does: the script reads CITYSCAPES_DATASET when loaded
@@ -167,7 +274,7 @@ class _CityscapesSemSegEvaluator(CityscapesSemSegEvaluator):
 
         with _recording(cityscapes_eval, "evaluateImgLists") as calls:
             results = super().evaluate()
-        if results:
+        if results and calls:
             scores = calls[-1][1]
             for name, iou in scores["classScores"].items():
                 label = name2label[name]
@@ -183,6 +290,7 @@ def _coco(cfg, dataset_name, output_dir):
     # detectron2's fast COCOeval lives in its compiled ops; pycocotools gives the same numbers.
     return _COCOEvaluator(
         dataset_name,
+        tasks=_tasks(cfg),
         output_dir=output_dir,
         use_fast_impl=d2compat.coco_fast_eval_available(),
         kpt_oks_sigmas=cfg.TEST.KEYPOINT_OKS_SIGMAS,
@@ -192,9 +300,9 @@ def _coco(cfg, dataset_name, output_dir):
 EVALUATORS = {
     "voc": lambda cfg, name, out: _PascalVOCEvaluator(name),
     "coco": _coco,
-    "lvis": lambda cfg, name, out: _LVISEvaluator(name, output_dir=out),
+    "lvis": lambda cfg, name, out: _LVISEvaluator(name, tasks=_tasks(cfg), output_dir=out),
     "cityscapes_instance": lambda cfg, name, out: _CityscapesInstanceEvaluator(name, out),
-    "sem_seg": lambda cfg, name, out: SemSegEvaluator(name, output_dir=out),  # has IoU-<class> already
+    "sem_seg": lambda cfg, name, out: _SemSegEvaluator(name, output_dir=out),
     "cityscapes_sem_seg": lambda cfg, name, out: _CityscapesSemSegEvaluator(name),  # the official script
 }
 
@@ -277,6 +385,53 @@ def per_class(kind: str, results: dict) -> dict:
 def _measured(value):
     # None, NaN (COCO, VOC, Cityscapes) and negative sentinels (LVIS: -1, -100) all mean "not measured"
     return None if value is None or math.isnan(value) or value < 0 else float(value)
+
+
+# Why a value is missing. Detection evaluators leave out what has no ground truth in its scope
+# (a class, an object size, an LVIS frequency group); an IoU is 0 / 0 for a class that is neither
+# in the ground truth nor predicted.
+NO_GROUND_TRUTH = "no ground-truth instance in the test set"
+NOT_PRESENT = "neither in the ground truth nor predicted"
+NO_VALUE = {
+    "APs": "no small ground-truth object (area under 32^2)",
+    "APm": "no medium ground-truth object (area 32^2 to 96^2)",
+    "APl": "no large ground-truth object (area over 96^2)",
+    "APr": "no rare category in the ground truth",
+    "APc": "no common category in the ground truth",
+    "APf": "no frequent category in the ground truth",
+}
+SEMANTIC = {"sem_seg", "cityscapes_sem_seg"}
+
+
+def run_fields(kind: str, results: dict, names) -> dict:
+    """What metrics.json says about the evaluation besides its numbers.
+
+    ``no_predictions``: the model predicted no instance on any test image (its APs are then 0,
+    not missing); ``images_evaluated``; ``predicted_instances`` (None for semantic segmentation);
+    ``not_measured``: ``{"metrics": {headline name: why}, "per_class": {section: {why: [class, ...]}}}``
+    for every value that is None in ``headline_metrics`` and ``per_class``.
+    """
+    counts = results.get(PREDICTIONS) or {}
+    images, instances = counts.get("images"), counts.get("instances")
+    return {"no_predictions": bool(images) and instances == 0, "images_evaluated": images,
+            "predicted_instances": instances, "not_measured": _not_measured(kind, results, names, images)}
+
+
+def _not_measured(kind: str, results: dict, names, images) -> dict:
+    metrics = {}
+    missing = [name for name, value in headline_metrics(kind, results, names).items() if value is None]
+    for name in missing:
+        section, key = HEADLINES[kind][name]
+        if images == 0:
+            metrics[name] = "no test image was evaluated"
+        elif key not in (results.get(section) or {}):
+            metrics[name] = "the evaluator returned no value"
+        else:
+            metrics[name] = NO_VALUE.get(key, NO_GROUND_TRUTH)
+    why = NOT_PRESENT if kind in SEMANTIC else NO_GROUND_TRUTH
+    classes = {section: [name for name, value in values.items() if value is None]
+               for section, values in per_class(kind, results).items()}
+    return {"metrics": metrics, "per_class": {section: {why: names} for section, names in classes.items() if names}}
 
 
 def json_safe(results):
