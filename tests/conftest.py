@@ -1,9 +1,22 @@
 """Fixtures shared by several test modules."""
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torchvision
 from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_script(path):
+    """A script of the repository (``tools/run_suite.py``, ...) imported as a module, not run."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 COLOURS = [(220, 40, 40), (40, 200, 60), (50, 60, 220)]
 

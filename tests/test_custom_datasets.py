@@ -25,6 +25,8 @@ from transfer.datasets import demo
 from transfer.datasets.custom import register_custom
 from transfer.errors import UserError
 
+from conftest import load_script
+
 LOOKS = {"cat": ("circle", "orange", 1.0), "dog": ("square", "brown", 1.0), "kite": ("diamond", "cyan", 1.0)}
 
 
@@ -444,8 +446,6 @@ def weights_file(tmp_path):
 
 def test_a_yaml_schedule_runs_unless_the_command_line_names_another_and_then_the_plan_says_so(
         pets, tmp_path, weights_file):
-    import importlib.util
-
     from transfer import suite
 
     yamls = [_coco_yaml(tmp_path, name="own", schedule={"max_iter": 30}),
@@ -462,9 +462,7 @@ def test_a_yaml_schedule_runs_unless_the_command_line_names_another_and_then_the
     assert set(schedules.values()) == {"full"} and len(notes) == 2
     assert notes[0].startswith(f"own: --schedule full overrides the schedule its YAML names (custom: from {yamls[0]}")
     assert notes[1].startswith("quick: --schedule full overrides the schedule its YAML names (quick: 1/8 of full")
-    loaded = importlib.util.spec_from_file_location("run_suite", Path(__file__).parents[1] / "tools" / "run_suite.py")
-    run_suite = importlib.util.module_from_spec(loaded)
-    loaded.loader.exec_module(run_suite)
+    run_suite = load_script("tools/run_suite.py")
     assert run_suite.parse_args(["--tasks", str(yamls[0])]).schedule is None  # no flag: the YAML's
 
 

@@ -29,6 +29,8 @@ from detectron2.structures.masks import polygons_to_bitmask
 from transfer.datasets import catalog, demo
 from transfer.errors import UserError
 
+from conftest import load_script
+
 SIZES = demo.SIZES
 
 
@@ -291,11 +293,7 @@ def test_check_and_loaders_reject_malformed_files(root, tmp_path):
 
 
 def test_make_demo_data_cli_reports_one_line(tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_demo_data", Path(__file__).resolve().parents[1] / "tools" / "make_demo_data.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script("tools/make_demo_data.py")
     (tmp_path / "photos").mkdir()
     with pytest.raises(SystemExit) as e:
         tool.main(["--root", str(tmp_path)])

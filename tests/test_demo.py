@@ -1,5 +1,4 @@
 """tools/demo.py's step runner: copies of a command at once, each with its share of the cores."""
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -7,15 +6,14 @@ import pytest
 
 from transfer.errors import UserError
 
+from conftest import load_script
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def demo():
-    spec = importlib.util.spec_from_file_location("demo_tool", REPO / "tools" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/demo.py")
 
 
 def test_copies_run_at_once_with_their_thread_share(demo, tmp_path):

@@ -1,7 +1,6 @@
 """scripts/install_detectron2.py finds detectron2's sdist through the index pip is configured with."""
 import hashlib
 import http.server
-import importlib.util
 import subprocess
 import sys
 import threading
@@ -9,15 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_script
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def installer():
-    spec = importlib.util.spec_from_file_location("install_detectron2", REPO / "scripts" / "install_detectron2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/install_detectron2.py")
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """The pre-training loop (transfer/pretrain/engine.py) on a tiny generated ImageFolder, on the CPU."""
 import csv
-import importlib.util
 import os
 import socket
 from pathlib import Path
@@ -13,6 +12,8 @@ from transfer.errors import UserError
 from transfer.pretrain import engine
 from transfer.pretrain.augment import TwoCropDataset, ViewSampler, moco_augmentation
 from transfer.pretrain.moco import MoCo
+
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,10 +41,7 @@ def load(path):
 
 
 def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"tools/{name}.py")
 
 
 # ----------------------------------------------------------------------------- configuration

@@ -11,6 +11,8 @@ import pytest
 from transfer import fileio, report, suite
 from transfer.errors import UserError
 
+from conftest import load_script
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -364,12 +366,7 @@ def test_the_newest_demo_or_pretraining_weights_are_the_default(tmp_path):
 
 
 def load_run_suite():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("run_suite", REPO / "tools" / "run_suite.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/run_suite.py")
 
 
 def test_run_suite_without_weights_and_none_to_find_says_what_to_pass(tmp_path, capsys):

@@ -107,16 +107,6 @@ WEIGHTS_OWNED = {"MODEL.WEIGHTS", "MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD", "INPUT.
                  "MODEL.RESNETS.STRIDE_IN_1X1"}
 
 
-def _flat(cfg, prefix=""):
-    out = {}
-    for key, value in cfg.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 @pytest.mark.parametrize("task", ["voc07+12", "coco_c4_2x"])
 def test_every_weights_file_fine_tunes_under_the_tasks_protocol(task, moco_weights, torchvision_weights,
                                                                 msra_weights):
@@ -124,9 +114,11 @@ def test_every_weights_file_fine_tunes_under_the_tasks_protocol(task, moco_weigh
     config is the official moco/detection one (naiveSyncBN, FREEZE_AT 0, an extra trained norm)."""
     from detectron2.modeling import build_model
 
+    from transfer.convert import flatten
+
     configs = {name: resolve(task, weights) for name, weights in
                (("msra", msra_weights), ("torchvision", torchvision_weights), ("moco", moco_weights))}
-    flat = {name: {k: v for k, v in _flat(cfg).items() if k not in WEIGHTS_OWNED}
+    flat = {name: {k: v for k, v in flatten(cfg).items() if k not in WEIGHTS_OWNED}
             for name, cfg in configs.items()}
     assert flat["msra"] == flat["torchvision"] == flat["moco"]
     assert configs["msra"].INPUT.FORMAT == "BGR" and configs["msra"].MODEL.RESNETS.STRIDE_IN_1X1 is True

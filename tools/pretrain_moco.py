@@ -31,7 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", help="checkpoint to continue from (ours or the official code's)")
     p.add_argument("--max-steps", type=int, help="stop at this global step with a checkpoint (time-limited jobs)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="default auto: the GPU LOCAL_RANK if CUDA is available")
-    p.add_argument("--check-data", action="store_true",
+    p.add_argument("--check-data", action="store_true", default=None,  # None: not a preset setting to override
                    help="decode every training image first; list the ones that fail (more than 1%%: stop)")
     # The preset's settings; default None keeps the preset's value.
     p.add_argument("-a", "--arch", help="torchvision ResNet, e.g. resnet50")

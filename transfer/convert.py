@@ -194,11 +194,12 @@ def _nested(flat: dict) -> dict:
     return nested
 
 
-def _flat(nested: dict, prefix="") -> dict:
+def flatten(nested: dict, prefix="") -> dict:
+    """{"MODEL": {"RESNETS": {"NORM": v}}} -> {"MODEL.RESNETS.NORM": v} (a CfgNode too)."""
     flat = {}
     for key, value in nested.items():
         if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -346,7 +347,7 @@ def load_overlay(weights_path) -> dict:
         raise UserError(f"{path}: no such weights file")
     sidecar = overlay_path_for(path)
     if sidecar.is_file():
-        overlay = _flat(fileio.read_yaml_mapping(sidecar, "a mapping of detectron2 config keys"))
+        overlay = flatten(fileio.read_yaml_mapping(sidecar, "a mapping of detectron2 config keys"))
     else:
         overlay = _infer_overlay(path, sidecar)
     overlay["MODEL.WEIGHTS"] = str(path.resolve())
