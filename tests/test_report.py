@@ -304,3 +304,18 @@ def test_runs_csv_carries_provenance_and_marks_small_batches(tmp_path):
     assert (runs["gpu_model"] == "cpu").all() and (runs["git_commit"] == "abc").all()
     assert "Small batches: runs of `voc07` (demo) trained with fewer than 8 images per BN group" in \
         written.summary_md.read_text()
+
+
+@pytest.mark.parametrize("content, why", [("[]", "a JSON list, not a mapping"),
+                                          ('{"status": "ok"}', "says ok but holds no metrics"),
+                                          ("{\"status\": \"ok\", \"metri", "not JSON")])
+def test_a_metrics_file_that_cannot_stand_for_a_run_is_a_failed_run_never_a_trial(tmp_path, content, why):
+    write_run(tmp_path, "moco", "voc07", 0, {"AP": 40.0})
+    folder = tmp_path / "moco" / "voc07" / "demo" / "seed1"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(content)
+    runs = report.load_runs(tmp_path)
+    bad = runs[runs["seed"] == 1].iloc[0]
+    assert bad["status"] == "failed" and why in bad["error"]
+    ap = row(report.summarize(runs), "moco", "voc07", "AP")
+    assert ap["n"] == 1 and ap["failed"] == 1 and ap["mean"] == 40.0

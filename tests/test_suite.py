@@ -405,3 +405,29 @@ def test_run_suite_without_weights_runs_the_demos_against_its_baseline_into_resu
     for label in ("supervised", "moco_v2"):
         record = json.loads((output / label / "voc07" / "demo" / "seed0" / "metrics.json").read_text())
         assert record["status"] == "failed" and record["task"] == "voc07"
+
+
+@pytest.mark.parametrize("content", ["[]", '{"status": "ok"}', '{"status": "ok", "metrics": {}}'])
+def test_a_metrics_file_without_a_result_is_run_again(tmp_path, content):
+    [run] = suite.plan([fake_weights(tmp_path, "moco")], ["voc07"], "demo", 1, tmp_path / "out")
+    run.dir.mkdir(parents=True)
+    run.metrics_path.write_text(content)
+    assert suite.state(run) == "failed"  # not "done": the next invocation runs it again
+    assert "unreadable metrics.json" in suite.read_metrics(run)["error"]
+
+
+def test_an_override_of_the_wrong_type_is_one_line_before_any_run_and_locks_nothing(tmp_path, capsys):
+    import signal
+
+    weights = fake_weights(tmp_path, "moco").path
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exit:
+            load_run_suite().main(["--tasks", "voc07", "--weights", str(weights), "--output", str(tmp_path / "out"),
+                                   "SOLVER.BASE_LR", "1000"], root=tmp_path)
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    error = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and len(error) == 1, error
+    assert "SOLVER.BASE_LR" in error[0] and "<class 'float'> vs. <class 'int'>" in error[0]
+    assert not (tmp_path / "out").exists()  # no suite.json: the folder is not locked to the bad override

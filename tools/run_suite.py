@@ -124,6 +124,9 @@ def main(argv=None, root=suite.REPO):
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _stop)
     suite.expand_tasks(args.tasks)  # a misspelt task fails before anything is looked for or generated
+    from transfer.finetune import check_opts
+
+    check_opts(args.opts)  # before any run, and before the output folder records them
     if not args.weights:
         default_weights(args, Path(root))
     if args.output is None and args.schedule:

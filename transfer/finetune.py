@@ -224,6 +224,24 @@ def _warn_once(message: str) -> None:
         logger.warning(message)
 
 
+def _merge_opts(cfg: CfgNode, opts) -> None:
+    try:
+        cfg.merge_from_list(list(opts))
+    except (AssertionError, KeyError, ValueError) as e:  # yacs: unknown key, odd count, type mismatch
+        raise UserError(f"opts {' '.join(map(str, opts))}: {e}") from None
+
+
+def check_opts(opts) -> None:
+    """Config overrides checked once, before any run starts: a key no task's config has, or a
+    value of another type than the key's (yacs names both), is one line."""
+    from transfer.tasks import TASKS
+
+    cfg = get_cfg()
+    for extend in dict.fromkeys(task.extend_config for task in TASKS.values() if task.extend_config):
+        _call(extend, cfg)
+    _merge_opts(cfg, opts)
+
+
 def task_config(task: Task) -> CfgNode:
     """detectron2's defaults, the keys the task's YAML declares, then the YAML itself."""
     cfg = get_cfg()
@@ -251,10 +269,7 @@ def resolve_config(task: Task, weights, schedule: str, seed: int = 0, output_dir
     apply_schedule(cfg, task, schedule)
     _fit_device(cfg, task, schedule, num_gpus)
     scale_for_gpus(cfg, num_gpus, max_ims_per_gpu, allow_small_batch)
-    try:
-        cfg.merge_from_list(list(opts))
-    except (AssertionError, KeyError, ValueError) as e:
-        raise UserError(f"opts {' '.join(map(str, opts))}: {e}") from None
+    _merge_opts(cfg, opts)
 
     on_gpu = torch.cuda.is_available()
     if amp and not on_gpu:

@@ -25,7 +25,6 @@ A run that fell back to another task (LVIS v1 -> v0.5) is reported under the tas
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import pandas as pd
 
 from transfer import stats
 from transfer.fileio import atomic_write_bytes, atomic_write_text
+from transfer.runs import read_record
 
 PUBLISHED_CSV = Path(__file__).resolve().parent.parent / "results" / "published_results.csv"
 BASELINE = "supervised"
@@ -88,10 +88,9 @@ def read_records(output) -> list[tuple[dict, dict]]:
     for path in paths:
         rel = path.parent.relative_to(output)
         weights, task, schedule, seed_dir = rel.parts[-4:]
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            record = {"status": "failed", "error": f"unreadable metrics.json: {e}"}
+        record = read_record(path)
+        if record is None:  # removed since the glob
+            continue
         run = {"weights": weights, "task": record.get("task_variant") or task, "schedule": schedule,
                "seed": int(seed_dir.removeprefix("seed")), "run_dir": rel.as_posix()}
         records.append((run, record))

@@ -38,6 +38,7 @@ from pathlib import Path
 from transfer.errors import UserError
 from transfer import fileio
 from transfer.fileio import atomic_write_json
+from transfer.runs import read_record
 
 REPO = Path(__file__).resolve().parent.parent
 FINETUNE = REPO / "tools" / "finetune.py"
@@ -268,12 +269,7 @@ def repeated_runs(runs: list[Run], num_gpus: int = 1, datasets=None, opts=()) ->
 # The state of a run, read from its folder
 
 def read_metrics(run: Run) -> dict | None:
-    try:
-        return json.loads(run.metrics_path.read_text())
-    except FileNotFoundError:
-        return None
-    except ValueError:
-        return {"status": "failed", "error": f"{run.metrics_path}: unreadable"}
+    return read_record(run.metrics_path)
 
 
 def state(run: Run) -> str:
