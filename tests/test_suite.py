@@ -431,3 +431,32 @@ def test_an_override_of_the_wrong_type_is_one_line_before_any_run_and_locks_noth
     assert exit.value.code == 2 and len(error) == 1, error
     assert "SOLVER.BASE_LR" in error[0] and "<class 'float'> vs. <class 'int'>" in error[0]
     assert not (tmp_path / "out").exists()  # no suite.json: the folder is not locked to the bad override
+
+
+def test_a_suite_killed_with_sigkill_leaves_no_child_holding_the_lock(tmp_path, monkeypatch):
+    import multiprocessing
+    import signal
+    import time
+
+    # A stand-in for tools/finetune.py that does what it does first (die_with_suite), then trains forever.
+    child = tmp_path / "finetune.py"
+    child.write_text(f"import os, sys, time\nsys.path.insert(0, {str(REPO)!r})\n"
+                     "from transfer.suite import die_with_suite\ndie_with_suite()\n"
+                     f"open({str(tmp_path / 'child.pid')!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
+    monkeypatch.setattr(suite, "FINETUNE", child)
+    [run] = suite.plan([fake_weights(tmp_path, "moco")], ["voc07"], "demo", 1, tmp_path / "out")
+    suite_process = multiprocessing.get_context("fork").Process(target=suite.execute, args=(run,))
+    suite_process.start()
+    deadline = time.time() + 30
+    while not (tmp_path / "child.pid").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    pid = int((tmp_path / "child.pid").read_text())
+    assert suite.locked_by(run) is not None  # the run is running
+    os.kill(suite_process.pid, signal.SIGKILL)
+    suite_process.join()
+    deadline = time.time() + 10
+    while suite.locked_by(run) is not None and time.time() < deadline:
+        time.sleep(0.05)
+    assert suite.locked_by(run) is None  # the child ended with the suite: the lock is free
+    status = Path(f"/proc/{pid}/status")
+    assert not status.exists() or "State:\tZ" in status.read_text()  # gone, or a zombie nobody reaped yet

@@ -16,6 +16,9 @@ from transfer.errors import cli
 
 @cli
 def main(argv=None):
+    from transfer.suite import die_with_suite
+
+    die_with_suite()  # started by a suite: end with it
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", help="task name or custom dataset .yaml")
     p.add_argument("--weights", help="detectron2 weights .pkl (its overlay .yaml beside it)")

@@ -361,6 +361,24 @@ def _log_tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
+SUITE_PID = "MOCO_TRANSFER_SUITE_PID"  # set for a fine-tuning child: the suite it belongs to
+
+
+def die_with_suite() -> None:
+    """In tools/finetune.py started by a suite: end when the suite ends, even by kill -9, so that
+    no orphan keeps training and holding the run's lock. Linux's parent-death signal; elsewhere
+    a no-op (the suite's own SIGTERM / Ctrl-C handling still stops its child)."""
+    suite_pid = os.environ.get(SUITE_PID)
+    if not suite_pid or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(suite_pid):  # the suite died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _note_attempt(run: Run, what: str) -> None:
     """One line per attempt in <run dir>/attempts.log: when, where, how it ended."""
     with open(run.dir / "attempts.log", "a") as f:
@@ -414,16 +432,18 @@ def execute(run: Run, num_gpus: int = 1, datasets=None, opts=(), wait: bool = Fa
             log = run.dir / "finetune.log"
             _note_attempt(run, "started")
             with open(log, "w") as out:
+                # Its own process group (with whatever it starts), ended with the suite: see die_with_suite.
                 process = subprocess.Popen(finetune_command(run, num_gpus, datasets, opts), cwd=REPO,
-                                           stdout=out, stderr=subprocess.STDOUT, pass_fds=(lock.fd,))
+                                           stdout=out, stderr=subprocess.STDOUT, pass_fds=(lock.fd,),
+                                           start_new_session=True, env={**os.environ, SUITE_PID: str(os.getpid())})
                 try:
                     code, peak_mb = _wait(process)
                 except BaseException:  # Ctrl-C / SIGTERM: stop the run, leave it "interrupted"
-                    process.terminate()
+                    os.killpg(process.pid, signal.SIGTERM)
                     try:
                         process.wait(timeout=30)
                     except subprocess.TimeoutExpired:
-                        process.kill()
+                        os.killpg(process.pid, signal.SIGKILL)
                         process.wait()
                     _note_attempt(run, "interrupted")
                     raise
