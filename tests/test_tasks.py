@@ -149,7 +149,9 @@ def test_a_frozen_bn_protocol_is_an_explicit_task_variant(moco_weights, msra_wei
 def test_fpn_tasks_train_norm_in_backbone_and_fpn(moco_weights, caplog, monkeypatch):
     raw = load_yaml(get_task("coco_fpn_1x").config_path)
     assert raw["MODEL"]["RESNETS"]["NORM"] == "SyncBN" and raw["MODEL"]["FPN"]["NORM"] == "SyncBN"
-    monkeypatch.setattr(ft, "_SAID", set())  # a process says each warning once; earlier tests said it
+    from transfer import errors
+
+    monkeypatch.setattr(errors, "_SAID", set())  # a process says each warning once; earlier tests said it
     with caplog.at_level(logging.WARNING, logger="transfer.finetune"):
         cfg = resolve("coco_kp_2x", moco_weights)
     # one process: SyncBN has no process group, BN computes the same

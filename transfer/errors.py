@@ -1,10 +1,22 @@
 """User-facing errors: bad input is reported as one clear line, never a deep traceback."""
 import functools
+import logging
 import sys
 
 
 class UserError(Exception):
     """A problem with the user's input (file, folder, flag): the message names it and what is wrong."""
+
+
+_SAID: set[str] = set()  # what this process has logged through log_once
+
+
+def log_once(logger: logging.Logger, level: int, message: str) -> None:
+    """Log ``message`` once per process: a suite resolves each run's config and registers its
+    datasets at every step, so a warning would otherwise be repeated for every run."""
+    if message not in _SAID:
+        _SAID.add(message)
+        logger.log(level, message)
 
 
 def cli(main):

@@ -43,7 +43,7 @@ from transfer.convert import load_overlay, weights_settings
 from transfer.d2 import evaluation
 from transfer.d2.config import get_cfg, merge_config_file
 from transfer.d2.launch import launch
-from transfer.errors import UserError
+from transfer.errors import UserError, log_once
 from transfer.tasks import MIN_BN_GROUP, REPO, Task, get_task
 from transfer.tasks.custom import image_size_settings
 
@@ -214,14 +214,8 @@ def _fit_device(cfg: CfgNode, task: Task, schedule: str, num_gpus: int) -> None:
                    "image_size: set them)")
 
 
-_SAID: set[str] = set()
-
-
 def _warn_once(message: str) -> None:
-    # A suite resolves each run's config in its own process too: one line per cause, not per run.
-    if message not in _SAID:
-        _SAID.add(message)
-        logger.warning(message)
+    log_once(logger, logging.WARNING, message)
 
 
 def _merge_opts(cfg: CfgNode, opts) -> None:

@@ -55,7 +55,7 @@ from detectron2.data.datasets import load_coco_json
 from detectron2.structures import BoxMode
 
 from transfer import fileio
-from transfer.errors import UserError
+from transfer.errors import UserError, log_once
 
 logger = logging.getLogger(__name__)
 
@@ -108,15 +108,10 @@ class _Notes(list):
         self.warnings.append(message)
 
 
-_SAID: set[str] = set()  # what this process has logged
-
-
 def _log_once(notes: _Notes) -> None:
     # A run registers its dataset at each step (plan, config, training): each line is said once.
     for note in dict.fromkeys(notes):
-        if note not in _SAID:
-            _SAID.add(note)
-            logger.log(logging.WARNING if note in notes.warnings else logging.INFO, note)
+        log_once(logger, logging.WARNING if note in notes.warnings else logging.INFO, note)
 
 
 # ----------------------------------------------------------------------------------------------
