@@ -52,7 +52,10 @@ def test_crop_boxes_follow_torchvision_distribution(size):
     for name, f in features.items():
         assert ks_statistic(f(ref), f(ours)) < 0.05, name
     # The central fallback crop: same rate (and none where every attempt fits easily).
-    central = lambda b: np.mean((b[:, 0] == (h - b[:, 2]) // 2) & (b[:, 1] == (w - b[:, 3]) // 2) & (b[:, 2] * b[:, 3] > 0.9 * h * w))
+    def central(b):
+        return np.mean((b[:, 0] == (h - b[:, 2]) // 2) & (b[:, 1] == (w - b[:, 3]) // 2)
+                       & (b[:, 2] * b[:, 3] > 0.9 * h * w))
+
     assert abs(central(ref) - central(ours)) < 0.04
 
 
@@ -99,7 +102,8 @@ def test_translation_of_both_presets():
     v2 = [type(op).__name__ for op in G.GPUAugment.from_transform(augment.moco_augmentation(224, True)).ops]
     assert v2 == ["ColorJitter", "RandomGrayscale", "GaussianBlur", "RandomHorizontalFlip", "Normalize"]
     v1 = G.GPUAugment.from_transform(augment.moco_augmentation(224, False))
-    assert [type(op).__name__ for op in v1.ops] == ["RandomGrayscale", "ColorJitter", "RandomHorizontalFlip", "Normalize"]
+    assert [type(op).__name__ for op in v1.ops] == ["RandomGrayscale", "ColorJitter", "RandomHorizontalFlip",
+                                                    "Normalize"]
     assert v1.ops[1].p == 1.0 and v1.ops[1].ranges[3] == pytest.approx((-0.4, 0.4))
     with pytest.raises(ValueError, match="RandomRotation"):
         G.GPUAugment.from_transform(T.Compose([T.RandomResizedCrop(8), T.RandomRotation(10)]))
@@ -114,7 +118,9 @@ def test_colour_operations_equal_torchvision_functionals():
     x[0] = x[0, :1]  # a gray image (hue undefined)
     f = torch.tensor([0.6, 0.9, 1.0, 1.2, 1.4, 0.75])
     h = torch.tensor([-0.5, -0.1, 0.0, 0.05, 0.1, 0.4])
-    per = lambda v: v.view(-1, 1, 1, 1)
+    def per(v):
+        return v.view(-1, 1, 1, 1)
+
     for ours, theirs, factors in [
         (G.ColorJitter.brightness, TF.adjust_brightness, f),
         (G.ColorJitter.contrast, TF.adjust_contrast, f),
@@ -191,10 +197,12 @@ def test_full_pipeline_output_statistics_match_cpu_path():
     torch.manual_seed(0)
     cpu = torch.stack([cpu_transform(pil) for _ in range(n)])
     image = torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
-    ours = G.GPUAugment.from_transform(cpu_transform)([image] * (n // 2), views=2, generator=torch.Generator().manual_seed(5))
+    ours = G.GPUAugment.from_transform(cpu_transform)([image] * (n // 2), views=2,
+                                                      generator=torch.Generator().manual_seed(5))
     ours = torch.cat(ours)
     assert ours.shape == cpu.shape and ours.dtype == cpu.dtype
-    for stat in (lambda b: b.mean((1, 2, 3)), lambda b: b.std(1).mean((1, 2)), lambda b: b[:, :, :, :12].mean((1, 2, 3))):
+    for stat in (lambda b: b.mean((1, 2, 3)), lambda b: b.std(1).mean((1, 2)),
+                 lambda b: b[:, :, :, :12].mean((1, 2, 3))):
         assert ks_statistic(stat(cpu).numpy(), stat(ours).numpy()) < 0.12
 
 
@@ -247,7 +255,8 @@ def test_gpu_loader_yields_two_crops_like_the_cpu_backend(tmp_path):
     in_worker = jpeg_data.build_loader(root, transform, 3, sampler=sampler, workers=1, device="cpu", seed=0)
     torch.testing.assert_close(next(iter(in_worker))[1], batches[0][1])
     # Decoding in the workers instead gives the same images.
-    worker_decoded = jpeg_data.GPUTwoCropLoader(jpeg_data.JpegFolder(root, decode=True), G.GPUAugment.from_transform(transform),
+    worker_decoded = jpeg_data.GPUTwoCropLoader(jpeg_data.JpegFolder(root, decode=True),
+                                                G.GPUAugment.from_transform(transform),
                                                 3, sampler=sampler, workers=0, device="cpu", seed=0)
     torch.testing.assert_close(next(iter(worker_decoded))[0], batches[0][0])
 
@@ -261,20 +270,24 @@ def test_synthetic_imagefolder_is_imagenet_like(tmp_path):
     assert 20_000 < np.mean([f.stat().st_size for f in files]) < 400_000  # photo-like compression
 
 
+@pytest.mark.slow
 def test_bench_pretrain_measures_every_setting(tmp_path):
     """tools/bench_pretrain.py on CPU: one row per setting (official recipe + each decode place), three rates each."""
     import json
     import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from transfer import REPO
+
+    sys.path.insert(0, str(REPO / "tools"))
     import bench_pretrain
 
     out = tmp_path / "rows.json"
-    bench_pretrain.main(["--data", str(tmp_path / "synth"), "--synthetic", "24", "--device", "cpu", "--arch", "resnet18",
-                         "--batch-size", "4", "--image-size", "32", "--moco-k", "8", "--workers", "0",
-                         "--bn-splits", "2", "--warmup", "1", "--steps", "1", "--decode", "device", "workers", "--json", str(out)])
+    bench_pretrain.main(["--data", str(tmp_path / "synth"), "--synthetic", "24", "--device", "cpu",
+                         "--arch", "resnet18", "--batch-size", "4", "--image-size", "32", "--moco-k", "8",
+                         "--workers", "0", "--bn-splits", "2", "--warmup", "1", "--steps", "1",
+                         "--decode", "device", "workers", "--json", str(out)])
     rows = json.loads(out.read_text())
-    assert [(r["backend"], r["decode"], r["bn_splits"]) for r in rows] == [("cpu", "workers", 1), ("gpu", "device", 2), ("gpu", "workers", 2)]
+    assert [(r["backend"], r["decode"], r["bn_splits"]) for r in rows] == [
+        ("cpu", "workers", 1), ("gpu", "device", 2), ("gpu", "workers", 2)]
     assert all(r[k] > 0 for r in rows for k in ("data", "compute", "end_to_end"))
     assert not any(r["compile"] for r in rows)  # compile is CUDA-only

@@ -5,10 +5,9 @@ import torchvision
 
 from transfer.errors import UserError
 from transfer.linear_eval import LinearEvalConfig, linear_eval
-from transfer.pretrain import engine
+from transfer.pretrain import config, engine
 from transfer.pretrain.moco import MoCo
 from transfer.pretrain.supervised import SupervisedConfig, train_supervised
-
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,7 @@ def moco_checkpoint(tmp_path_factory):
         for name, b in model.encoder_q.named_buffers():
             if name.endswith("running_var"):
                 b.uniform_(0.5, 2.0)  # non-default BN statistics, which eval mode must use as they are
-    cfg = engine.load_config("v2", arch="resnet18", moco_k=32, batch_size=8)
+    cfg = config.load_config("v2", arch="resnet18", moco_k=32, batch_size=8)
     path = tmp_path_factory.mktemp("moco") / "checkpoint_last.pth.tar"
     engine.save_checkpoint(path, model, torch.optim.SGD(model.parameters(), 0.1), cfg, 4, 2, 0.1)
     return path
@@ -38,6 +37,7 @@ def small(pretrained, data, output, **overrides):
     return LinearEvalConfig(pretrained=str(pretrained), data=str(data), output=str(output), **(settings | overrides))
 
 
+@pytest.mark.slow
 def test_linear_eval_trains_only_the_fc_on_the_query_encoder(data, moco_checkpoint, tmp_path):
     result = linear_eval(small(moco_checkpoint, data, tmp_path))
     assert result["arch"] == "resnet18"  # from the checkpoint
@@ -53,6 +53,7 @@ def test_linear_eval_trains_only_the_fc_on_the_query_encoder(data, moco_checkpoi
     assert (tmp_path / "linear_eval.json").exists()
 
 
+@pytest.mark.slow
 def test_supervised_baseline_writes_a_plain_torchvision_state_dict(data, tmp_path):
     weights = train_supervised(SupervisedConfig(data=str(data), output=str(tmp_path), arch="resnet18", epochs=1,
                                                 batch_size=8, workers=0, image_size=32))
@@ -66,6 +67,7 @@ def test_supervised_baseline_writes_a_plain_torchvision_state_dict(data, tmp_pat
     assert 0 <= result["top1"] <= 100
 
 
+@pytest.mark.slow
 def test_unreadable_or_mismatched_checkpoints_are_user_errors(data, moco_checkpoint, tmp_path):
     with pytest.raises(UserError, match="does not fit --arch resnet50"):
         linear_eval(small(moco_checkpoint, data, tmp_path, arch="resnet50"))
@@ -73,3 +75,22 @@ def test_unreadable_or_mismatched_checkpoints_are_user_errors(data, moco_checkpo
         linear_eval(small(next((data / "train" / "class0").iterdir()), data, tmp_path))
     with pytest.raises(UserError, match="val/<class>"):
         linear_eval(small(moco_checkpoint, data / "train", tmp_path))
+
+
+def test_a_small_stem_checkpoint_is_read_by_linear_eval_and_refused_by_the_converter_in_one_line(tmp_path):
+    from transfer.convert import convert
+    from transfer.linear_eval import load_backbone
+
+    torch.manual_seed(0)
+    model = MoCo(torchvision.models.resnet18, dim=16, K=32, small_stem=True)
+    cfg = config.load_config("v2", arch="resnet18", moco_k=32, batch_size=8, small_stem=True)
+    path = tmp_path / "checkpoint_last.pth.tar"
+    engine.save_checkpoint(path, model, torch.optim.SGD(model.parameters(), 0.1), cfg, 4, 2, 0.1)
+    backbone, arch = load_backbone(path)
+    assert arch == "resnet18" and backbone.conv1.kernel_size == (3, 3)
+    assert isinstance(backbone.maxpool, torch.nn.Identity)
+    assert torch.equal(backbone.conv1.weight, model.encoder_q.conv1.weight)
+    with pytest.raises(UserError, match=r"^\S+checkpoint_last.pth.tar: pre-trained with a 3x3 stem convolution \(the "
+                                        r"small-image stem, --small-stem\); detectron2's ResNet has a 7x7 stem"):
+        convert(path, output=tmp_path / "weights.pkl")
+    assert not (tmp_path / "weights.pkl").exists()

@@ -1,4 +1,5 @@
-"""The MoCo method (transfer/pretrain/moco.py): queue, momentum update, shuffle-BN, split-BN, InfoNCE."""
+"""The MoCo method (transfer/pretrain/moco.py): queue, momentum update, shuffle-BN, split-BN
+(transfer/pretrain/shuffle_bn.py), InfoNCE."""
 import functools
 
 import pytest
@@ -8,7 +9,14 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from transfer.pretrain.moco import MoCo, SplitBatchNorm, split_batch_norm_formula, split_batch_norm_reshape
+from transfer.pretrain.moco import MoCo
+from transfer.pretrain.shuffle_bn import (
+    SplitBatchNorm,
+    batch_shuffle,
+    batch_unshuffle,
+    split_batch_norm_formula,
+    split_batch_norm_reshape,
+)
 
 
 class Tiny(nn.Module):
@@ -98,11 +106,10 @@ def test_no_gradient_reaches_key_encoder():
 
 def test_shuffle_then_unshuffle_is_identity():
     torch.manual_seed(0)
-    model = MoCo(Tiny, dim=8, K=16)
     x = torch.arange(16.0).view(16, 1)
-    shuffled, idx_unshuffle = model._batch_shuffle(x)
+    shuffled, idx_unshuffle = batch_shuffle(x)
     assert not torch.equal(shuffled, x) and sorted(shuffled.flatten().tolist()) == x.flatten().tolist()
-    assert torch.equal(model._batch_unshuffle(shuffled, idx_unshuffle), x)
+    assert torch.equal(batch_unshuffle(shuffled, idx_unshuffle), x)
 
 
 def test_split_bn_normalises_each_sub_batch():
@@ -175,14 +182,15 @@ def _two_rank_worker(rank, init_file, out_dir, local_batch):
         with torch.no_grad():
             own_keys = F.normalize(model.encoder_k(im), dim=1)
         x = torch.randn(local_batch, 5, generator=torch.Generator().manual_seed(rank))
-        shuffled, idx = model._batch_shuffle(x)
-        roundtrip = model._batch_unshuffle(shuffled, idx)
+        shuffled, idx = batch_shuffle(x)
+        roundtrip = batch_unshuffle(shuffled, idx)
         torch.save({"seen": seen[0], "own_keys": own_keys, "queue": model.queue, "queue_ids": model.queue_ids,
                     "ptr": model.queue_ptr, "x": x, "roundtrip": roundtrip}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_shuffle_bn_and_gathered_queue(tmp_path):
     local_batch = 8
     mp.spawn(_two_rank_worker, args=(str(tmp_path / "init"), str(tmp_path), local_batch), nprocs=2)

@@ -8,14 +8,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from transfer import REPO
 from transfer.errors import UserError
-from transfer.pretrain import engine
+from transfer.pretrain import config, engine
 from transfer.pretrain.augment import TwoCropDataset, ViewSampler, moco_augmentation
 from transfer.pretrain.moco import MoCo
 
 from conftest import load_script
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +25,9 @@ def data(tmp_path_factory, colour_image_folder):
 def tiny(data, output, **overrides):
     """v2 settings at toy scale: 24 images, batch 8 (3 steps per epoch), 32 px, ResNet-18, on the CPU
     (where resume is promised bit-exact; also on a GPU machine)."""
-    settings = dict(data=str(data), output=str(output), device="cpu", arch="resnet18", moco_k=24, batch_size=8, epochs=1,
-                    image_size=32, workers=0, bn_splits=2, print_freq=1, monitor_every=0, knn_k=5)
-    return engine.load_config("v2", **(settings | overrides))
+    settings = dict(data=str(data), output=str(output), device="cpu", arch="resnet18", moco_k=24, batch_size=8,
+                    epochs=1, image_size=32, workers=0, bn_splits=2, print_freq=1, monitor_every=0, knn_k=5)
+    return config.load_config("v2", **(settings | overrides))
 
 
 def log_rows(output):
@@ -48,7 +47,7 @@ def load_tool(name):
 
 
 def test_presets_match_the_papers():
-    v1, v2 = engine.load_config("v1"), engine.load_config("v2")
+    v1, v2 = config.load_config("v1"), config.load_config("v2")
     assert (v1.moco_t, v1.mlp, v1.aug_plus, v1.cos) == (0.07, False, False, False)
     assert (v2.moco_t, v2.mlp, v2.aug_plus, v2.cos) == (0.2, True, True, True)
     for cfg in (v1, v2):
@@ -62,11 +61,11 @@ def test_official_flag_names_override_the_preset():
     tool = load_tool("pretrain_moco")
     args = vars(tool.parse_args(["--preset", "v2", "--arch", "resnet18", "--moco-k", "4096", "--moco-t", "0.1",
                                  "--no-mlp", "--schedule", "30", "40", "-b", "64", "--wd", "5e-4", "--epochs", "50"]))
-    cfg = engine.load_config(**args)
+    cfg = config.load_config(**args)
     assert (cfg.arch, cfg.moco_k, cfg.moco_t, cfg.mlp, cfg.schedule) == ("resnet18", 4096, 0.1, False, [30, 40])
     assert (cfg.batch_size, cfg.wd, cfg.epochs, cfg.aug_plus, cfg.cos) == (64, 5e-4, 50, True, True)  # rest: v2
     with pytest.raises(UserError, match="--preset v3"):
-        engine.load_config("v3")
+        config.load_config("v3")
 
 
 def test_a_preset_file_that_is_not_a_yaml_mapping_is_a_user_error(tmp_path):
@@ -74,11 +73,11 @@ def test_a_preset_file_that_is_not_a_yaml_mapping_is_a_user_error(tmp_path):
     (tmp_path / "list.yaml").write_text("- 0.03\n")
     (tmp_path / "empty.yaml").write_text("")
     with pytest.raises(UserError, match=r"broken.yaml: not valid YAML: .* at line 2, column 7$"):
-        engine.load_config(tmp_path / "broken.yaml")
+        config.load_config(tmp_path / "broken.yaml")
     with pytest.raises(UserError, match="list.yaml: expected a mapping of pre-training settings, found a YAML list"):
-        engine.load_config(tmp_path / "list.yaml")
+        config.load_config(tmp_path / "list.yaml")
     with pytest.raises(UserError, match="empty.yaml: .*missing .* 'arch'"):
-        engine.load_config(tmp_path / "empty.yaml")
+        config.load_config(tmp_path / "empty.yaml")
 
 
 def test_bad_sizes_and_paths_are_user_errors(tmp_path, data):
@@ -91,9 +90,9 @@ def test_bad_sizes_and_paths_are_user_errors(tmp_path, data):
 
 
 def test_learning_rate_schedules():
-    step = engine.load_config("v1", lr=1.0, epochs=10, schedule=[4, 8])
+    step = config.load_config("v1", lr=1.0, epochs=10, schedule=[4, 8])
     assert [round(engine.learning_rate(step, e), 6) for e in (0, 3, 4, 7, 8, 9)] == [1, 1, 0.1, 0.1, 0.01, 0.01]
-    cos = engine.load_config("v2", lr=1.0, epochs=10)
+    cos = config.load_config("v2", lr=1.0, epochs=10)
     assert engine.learning_rate(cos, 0) == 1.0 and engine.learning_rate(cos, 5) == pytest.approx(0.5)
 
 
@@ -133,6 +132,7 @@ def straight_run(data, tmp_path_factory):
     return engine.pretrain(tiny(data, output, epochs=2)), output
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_run_bit_for_bit(data, tmp_path, straight_run):
     checkpoint, straight = straight_run
     # Stop mid-epoch at step 4, resume (with loader workers this time: views do not depend on them).
@@ -152,6 +152,7 @@ def test_resume_continues_the_same_run_bit_for_bit(data, tmp_path, straight_run)
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
 
 
+@pytest.mark.slow
 def test_checkpoint_has_the_official_layout(straight_run):
     checkpoint, output = straight_run
     ckpt = load(checkpoint)  # weights_only: tensors and plain types only
@@ -163,23 +164,22 @@ def test_checkpoint_has_the_official_layout(straight_run):
     assert ckpt["state_dict"]["module.queue"].shape == (128, 24)
     # A checkpoint already in --output is not overwritten by accident.
     with pytest.raises(UserError, match="--resume"):
-        engine.pretrain(engine.load_config(**(ckpt["config"] | {"resume": None})))
+        engine.pretrain(config.load_config(**(ckpt["config"] | {"resume": None})))
 
 
+@pytest.mark.slow
 def test_checkpoint_converts_with_the_official_renaming_rules(tmp_path):
     """The official converter (moco/detection/convert-pretrain-to-detectron2.py) keeps
     module.encoder_q.* and renames torchvision names to detectron2's; every ResNet-50 backbone
     tensor of detectron2 must come out of our checkpoint with its shape."""
     import torchvision
-
-    from transfer import d2compat  # noqa: F401
     from detectron2.config import get_cfg
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.backbone import build_resnet_backbone
 
     model = MoCo(torchvision.models.resnet50, K=256, mlp=True)
     optimizer = torch.optim.SGD(model.parameters(), 0.1)
-    cfg = engine.load_config("v2", batch_size=256, moco_k=256)
+    cfg = config.load_config("v2", batch_size=256, moco_k=256)
     engine.save_checkpoint(tmp_path / "ckpt.pth.tar", model, optimizer, cfg, step=10, steps_per_epoch=5, lr=0.1)
     state = load(tmp_path / "ckpt.pth.tar")["state_dict"]
 
@@ -204,12 +204,13 @@ def test_checkpoint_converts_with_the_official_renaming_rules(tmp_path):
     assert all(converted[k].shape == v.shape for k, v in expected.items())
 
 
+@pytest.mark.slow
 def test_monitors_knn_and_dictionary_consistency(data, tmp_path):
     # Whole-batch BN (bn_splits 1): re-encoding the newest queued batch must give back its keys.
     engine.pretrain(tiny(data, tmp_path, epochs=2, bn_splits=1, monitor_every=1))
     with open(tmp_path / "monitor.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]  # step 0: the random-init reference
     assert all(0 <= float(r["knn_top1"]) <= 100 for r in rows)
     with open(tmp_path / "dictionary_consistency.csv") as f:
         table = [r for r in csv.DictReader(f) if r["epoch"] == "2"]
@@ -235,6 +236,7 @@ def _torchrun_worker(rank, port, data, output):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_run_fills_the_queue_from_both_ranks(data, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -263,6 +265,7 @@ def test_without_preset_or_data_a_cpu_gets_the_demo_preset_and_a_gpu_is_told_wha
     assert choose("v1", None, None, gpu=True) == ("v1", None)
 
 
+@pytest.mark.slow
 def test_pretrain_moco_without_arguments_trains_the_demo_preset_on_the_demo_images(tmp_path):
     """The command as typed, but for --max-steps: the whole demo run takes minutes on a busy CPU."""
     import subprocess
@@ -298,6 +301,7 @@ def with_bad_images(data, root, names):
     return root, [str(first_class / name) for name in names]
 
 
+@pytest.mark.slow
 def test_an_undecodable_image_is_skipped_counted_and_resume_stays_bit_exact(data, tmp_path, capsys):
     from transfer.image_folder import SKIPPED
 
@@ -318,6 +322,7 @@ def test_an_undecodable_image_is_skipped_counted_and_resume_stays_bit_exact(data
         assert torch.equal(value, b["state_dict"][key]), key
 
 
+@pytest.mark.slow
 def test_too_many_undecodable_images_stop_the_run_with_one_line(data, tmp_path):
     from transfer.image_folder import scan
 
@@ -339,3 +344,86 @@ def test_an_empty_class_folder_is_one_clear_line(data, tmp_path):
         engine.pretrain(tiny(tmp_path / "images", tmp_path / "run"))
     message = str(error.value)
     assert "\n" not in message and "empty_class" in message and message.startswith(str(tmp_path / "images" / "train"))
+
+
+# ----------------------------------------------------------------------------- settings declared once
+
+
+def test_every_setting_is_a_flag_with_its_help_and_the_new_ones_override_the_preset():
+    import argparse
+
+    tool = load_tool("pretrain_moco")
+    p = argparse.ArgumentParser()
+    config.add_arguments(p)
+    defaults = vars(p.parse_args([]))
+    assert set(defaults) == set(config.FIELDS) and all(v is None for v in defaults.values())  # None: keep the preset's
+    assert all(f.metadata["help"] and config.flag(name) in p.format_help() for name, f in config.FIELDS.items())
+    assert p.parse_args(["-b", "64", "--mechanism", "end_to_end"]).batch_size == 64
+    with pytest.raises(SystemExit):
+        p.parse_args(["--mechanism", "queue"])
+    args = vars(tool.parse_args(["--preset", "demo", "--mechanism", "memory_bank", "--bank-m", "0.7", "--no-shuffle-bn",
+                        "--small-stem", "--knn-max-images", "50", "--learning-rate", "0.1"]))
+    cfg = config.load_config(**args)
+    assert (cfg.mechanism, cfg.bank_m, cfg.shuffle_bn, cfg.small_stem, cfg.knn_max_images, cfg.lr) == \
+        ("memory_bank", 0.7, False, True, 50, 0.1)
+    assert config.load_config("demo").knn_max_images is None  # the whole splits unless asked
+
+
+def test_a_preset_with_an_unknown_key_or_a_wrong_value_is_one_line_naming_the_file(tmp_path, capsys):
+    demo = (REPO / "configs" / "pretrain" / "demo.yaml").read_text()
+    (tmp_path / "typo.yaml").write_text(demo + "moco_q: 3\n")
+    (tmp_path / "value.yaml").write_text(demo.replace("moco_m: 0.999", "moco_m: fast"))
+    main = load_tool("pretrain_moco").main
+    for name, message in (("typo", "unknown setting 'moco_q'"), ("value", "moco_m: expected a number, found 'fast'")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--preset", str(tmp_path / f"{name}.yaml"), "--output", str(tmp_path / "run")])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+        assert err.startswith(f"error: {tmp_path / name}.yaml: {message}")
+    with pytest.raises(UserError, match=r"^--mechanism: expected one of moco, memory_bank, end_to_end, found 'queue'$"):
+        config.load_config("demo", mechanism="queue")
+
+
+# ----------------------------------------------------------------------------- mechanisms in the loop
+
+
+@pytest.mark.slow
+def test_memory_bank_resume_is_bit_exact_with_the_monitors_on(data, tmp_path):
+    bank = dict(mechanism="memory_bank", epochs=2, monitor_every=1)
+    straight = engine.pretrain(tiny(data, tmp_path / "straight", **bank))
+    first = engine.pretrain(tiny(data, tmp_path / "resumed", max_steps=4, **bank))
+    engine.pretrain(tiny(data, tmp_path / "resumed", workers=2, resume=str(first), **bank))
+    assert [r["loss"] for r in log_rows(tmp_path / "straight")] == [r["loss"] for r in log_rows(tmp_path / "resumed")]
+    a, b = load(straight)["state_dict"], load(tmp_path / "resumed" / engine.CHECKPOINT)["state_dict"]
+    assert a.keys() == b.keys() and {"module.memory", "module.memory_ids", "module.encoder_q.conv1.weight"} <= a.keys()
+    assert not any(k.startswith("module.encoder_k") for k in a)
+    for key, value in a.items():  # encoder, BN statistics, the bank, its ids and ages
+        assert torch.equal(value, b[key]), key
+    assert (a["module.memory_ids"] >= 0).all() and int(a["module.step"]) == 6
+    with open(tmp_path / "straight" / "dictionary_consistency.csv") as f:
+        ages = {int(r["age_steps"]) for r in csv.DictReader(f) if r["epoch"] == "2"}
+    assert ages == {0, 1, 2}  # each image's row written 0, 1 or 2 steps before the monitor
+
+
+@pytest.mark.slow
+def test_end_to_end_runs_in_the_same_loop_with_its_monitors(data, tmp_path):
+    engine.pretrain(tiny(data, tmp_path, mechanism="end_to_end", moco_k=7, monitor_every=1))  # moco_k: unused
+    with open(tmp_path / "monitor.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["0", "3"]
+    assert all(float(r["dict_cosine"]) > 0.9999 for r in rows)  # its keys are encoded now, by construction
+    assert all(float(r["dict_consistency"]) == pytest.approx(1 - float(r["feature_spread"]), abs=1e-4) for r in rows)
+    assert (tmp_path / "similarity_matrix.png").stat().st_size > 5000
+    assert not any(k.startswith("module.encoder_k") for k in load(tmp_path / engine.CHECKPOINT)["state_dict"])
+
+
+def test_the_knn_monitor_uses_the_whole_splits_unless_capped_and_says_how_many(data, tmp_path):
+    from transfer.pretrain import monitors
+
+    train, val = engine.data_dirs(data)
+    (bank, queries), classes, line = monitors.knn_loaders(train, val, tiny(data, tmp_path), 8)
+    assert (len(bank.dataset), len(queries.dataset), classes) == (24, 9, 3)
+    assert line == "k-NN monitor: all 24 train images as the bank, all 9 val images as queries"
+    (bank, queries), _, line = monitors.knn_loaders(train, val, tiny(data, tmp_path, knn_max_images=6), 8)
+    assert (len(bank.dataset), len(queries.dataset)) == (6, 6)
+    assert line == "k-NN monitor: 6 of 24 train images as the bank, 6 of 9 val images as queries (--knn-max-images 6)"

@@ -4,7 +4,7 @@
 Prints a Markdown table with a row for our settings and, unless --no-baseline, a row for the
 official recipe's equivalent measured in the same run (augmentation in PIL workers, fp32).
 
-    # one H100, synthetic ImageNet-like JPEGs (written once under --data)
+    # one GPU, synthetic ImageNet-like JPEGs (written once under --data)
     python tools/bench_pretrain.py --data /tmp/synth --synthetic 6400 --workers 16
     # a CPU smoke run with tiny settings
     python tools/bench_pretrain.py --data /tmp/synth --synthetic 64 --device cpu --arch resnet18 \
@@ -13,16 +13,13 @@ official recipe's equivalent measured in the same run (augmentation in PIL worke
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from transfer.errors import UserError, cli  # noqa: E402
-from transfer.pretrain import benchmark  # noqa: E402
-from transfer.pretrain.engine import load_config  # noqa: E402
+from transfer.errors import UserError, cli
+from transfer.pretrain import benchmark
+from transfer.pretrain.config import load_config
 
 
 def parse_args(argv=None):

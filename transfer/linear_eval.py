@@ -14,12 +14,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from transfer.errors import UserError
 from transfer import fileio
+from transfer.errors import UserError
 from transfer.fileio import atomic_torch_save, atomic_write_json
 from transfer.image_folder import SKIPPED, ImageFolder, check_skipped, read_skipped
 from transfer.pretrain.augment import classification_transform, eval_transform
+from transfer.pretrain.classification import evaluate
+from transfer.pretrain.contrastive import small_image_stem
 from transfer.pretrain.knn import backbone
+from transfer.pretrain.precision import autocast, autocast_dtype
 
 MOCO_PREFIX = "module.encoder_q."
 
@@ -45,7 +48,8 @@ class LinearEvalConfig:
 def load_backbone(path, arch=None):
     """(torchvision model with the checkpoint's backbone, arch). The fc is left for the caller.
 
-    A MoCo checkpoint's ``module.encoder_q.*`` (fc/MLP head dropped), or a plain torchvision state dict.
+    A MoCo checkpoint's ``module.encoder_q.*`` (fc/MLP head dropped), or a plain torchvision state dict;
+    a 3x3 conv1 is the small-image stem (``--small-stem``).
     """
     ckpt = fileio.load_tensors(path, "--pretrained")
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
@@ -57,6 +61,8 @@ def load_backbone(path, arch=None):
     backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
     arch = arch or (ckpt.get("arch") if isinstance(ckpt.get("arch"), str) else None) or "resnet50"
     model = torchvision.models.get_model(arch)
+    if "conv1.weight" in backbone and backbone["conv1.weight"].shape[-1] == 3:
+        small_image_stem(model)  # pre-trained with --small-stem
     try:
         missing, unexpected = model.load_state_dict(backbone, strict=False)
     except RuntimeError:  # shape mismatch
@@ -65,27 +71,6 @@ def load_backbone(path, arch=None):
         raise UserError(f"--pretrained {path}: does not fit --arch {arch} "
                         f"(missing {sorted(set(missing) - {'fc.weight', 'fc.bias'})[:3]}, unexpected {unexpected[:3]})")
     return model, arch
-
-
-def accuracy(logits, target, topk=(1, 5)):
-    """Number of correct predictions within the top k, for each k."""
-    top = logits.topk(max(topk), dim=1).indices
-    hits = top == target[:, None]
-    return [hits[:, :k].any(1).sum().item() for k in topk]
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, amp_dtype=None):
-    """{"top1", "top5"} (%) of a classifier over ``loader``."""
-    model.eval()
-    correct1 = correct5 = total = 0
-    for images, target in loader:
-        target = target.to(device)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images.to(device, non_blocking=True))
-        c1, c5 = accuracy(logits.float(), target, (1, min(5, logits.shape[1])))
-        correct1, correct5, total = correct1 + c1, correct5 + c5, total + len(target)
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}
 
 
 def image_folders(data, image_size, skipped=None):
@@ -99,17 +84,12 @@ def image_folders(data, image_size, skipped=None):
             ImageFolder(root / "val", eval_transform(image_size), skipped=skipped))
 
 
-def amp_dtype_for(precision, device):
-    precision = precision if precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    return torch.bfloat16 if precision == "bf16" else None
-
-
 def linear_eval(cfg: LinearEvalConfig) -> dict:
     """Train the linear classifier; writes OUTPUT/linear_eval.json (returned) and the trained
     torchvision model OUTPUT/linear_classifier.pth ({"arch", "state_dict", "top1"})."""
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp_dtype = amp_dtype_for(cfg.precision, device)
+    amp_dtype = autocast_dtype(cfg.precision, device)
     output = Path(cfg.output)
     train_set, val_set = image_folders(cfg.data, cfg.image_size, skipped=output / SKIPPED)
     model, arch = load_backbone(cfg.pretrained, cfg.arch)
@@ -136,7 +116,7 @@ def linear_eval(cfg: LinearEvalConfig) -> dict:
         tic, loss_sum, seen = time.perf_counter(), 0.0, 0
         for images, target in train_loader:
             images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
-            with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with torch.no_grad(), autocast(device, amp_dtype):
                 f = features(images)
             loss = F.cross_entropy(model.fc(f.float()), target)
             optimizer.zero_grad(set_to_none=True)
@@ -149,7 +129,8 @@ def linear_eval(cfg: LinearEvalConfig) -> dict:
                "skipped_images": check_skipped(output / SKIPPED, len(train_set) + len(val_set))}
         history.append(row)
         best = row if best is None or row["top1"] > best["top1"] else best
-        print(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.3f}  val top-1 {row['top1']:.2f}  top-5 {row['top5']:.2f}")
+        print(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.3f}  val top-1 {row['top1']:.2f}  "
+              f"top-5 {row['top5']:.2f}")
 
     # The official sanity check: nothing but fc may have changed.
     state = model.state_dict()

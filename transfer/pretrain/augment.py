@@ -3,7 +3,7 @@
 Every random draw comes from torch's RNG, reseeded per view from (seed, epoch, image index): a
 view is a pure function of its id, whatever the number of loader workers or processes. That makes
 resume bit-exact and lets the dictionary-consistency monitor rebuild the exact crop behind a
-queued key.
+stored key.
 """
 import torch
 import torchvision.transforms as T
@@ -98,6 +98,10 @@ class TwoCropDataset(torch.utils.data.Dataset):
             q = self.transform(img)
             k = self.transform(img)
         return q, k, view_id
+
+    def query_view(self, view_id):
+        """The exact query crop (the first crop) the view id produced in training."""
+        return self[view_id][0]
 
     def key_view(self, view_id):
         """The exact key crop (the second crop) the view id produced in training."""

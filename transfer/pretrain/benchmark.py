@@ -3,7 +3,7 @@
 Three rates per setting, in images/s (one image = its two crops, as the training loop counts):
 - data: the loader alone (decode + two augmented crops, delivered on the device);
 - compute: the training step alone, on random inputs already on the device;
-- end to end: loader + step, as ``engine.Run.train`` runs them.
+- end to end: loader + step, as ``engine.Trainer.train`` runs them.
 The end to end rate is about min(data, compute) when the two overlap well. Peak device memory
 is read over the end-to-end phase.
 
@@ -18,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-import torchvision
 from PIL import Image
 
-from transfer.pretrain import jpeg_data
+from transfer.pretrain import engine, jpeg_data
 from transfer.pretrain.augment import MEAN, STD, TwoCropDataset, ViewSampler, moco_augmentation
-from transfer.pretrain.moco import MoCo
+
+BANK_IMAGES = 1_281_167  # --mechanism memory_bank: a bank the size of ImageNet's train set
 
 
 @dataclasses.dataclass
@@ -87,30 +86,19 @@ def synthetic_imagefolder(root, num_images, num_classes=10, seed=0, workers=None
 
 
 def build_model(cfg, setting, device):
-    torch.manual_seed(cfg.seed)
-    model = MoCo(torchvision.models.get_model_builder(cfg.arch), cfg.moco_dim, cfg.moco_k, cfg.moco_m,
-                 cfg.moco_t, cfg.mlp, setting.bn_splits).to(device)
-    if setting.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    """The preset's model and optimizer as the engine builds them, with the setting's speed options."""
+    model, optimizer = engine.build_model(cfg, setting.bn_splits, BANK_IMAGES, device, setting.channels_last)
     if setting.compile and device.type == "cuda":
-        model.encoder_q.compile()
-        model.encoder_k.compile()
-    optimizer = torch.optim.SGD(model.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+        engine.compile_encoders(model)
     return model, optimizer
 
 
 def train_step(model, optimizer, im_q, im_k, ids, setting, device):
-    """The step of ``engine.Run.train``: forward under autocast, InfoNCE, SGD."""
+    """The step of ``engine.Trainer.train``."""
     if setting.channels_last:
         im_q, im_k = (x.contiguous(memory_format=torch.channels_last) for x in (im_q, im_k))
-    amp = setting.precision == "bf16"
-    with torch.autocast(device.type, dtype=torch.bfloat16 if amp else torch.float32, enabled=amp):
-        logits, labels = model(im_q, im_k, ids.to(device, non_blocking=True))
-    loss = F.cross_entropy(logits.float(), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
+    amp_dtype = torch.bfloat16 if setting.precision == "bf16" else None
+    return engine.train_step(model, optimizer, im_q, im_k, ids.to(device, non_blocking=True), amp_dtype)[0].detach()
 
 
 def build_loader(cfg, setting, root, batch_size, workers, device, epochs=1000):
@@ -198,6 +186,7 @@ def format_table(rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         peak = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
-        lines.append(f"| {r['name']} | {r['backend']} | {r['decode']} | {r['precision']} | {r['channels_last']} | {r['compile']} | {r['bn_splits']} | "
-                     f"{r['data']:,.0f} | {r['compute']:,.0f} | {r['end_to_end']:,.0f} | {peak} |")
+        lines.append(f"| {r['name']} | {r['backend']} | {r['decode']} | {r['precision']} | {r['channels_last']} | "
+                     f"{r['compile']} | {r['bn_splits']} | {r['data']:,.0f} | {r['compute']:,.0f} | "
+                     f"{r['end_to_end']:,.0f} | {peak} |")
     return "\n".join(lines)

@@ -1,9 +1,11 @@
-"""The MoCo pre-training loop: configuration, data, LR schedule, precision, checkpoint + resume, logs, monitors.
+"""The pre-training loop: data, LR schedule, precision, checkpoint + resume, logs, monitors.
 
 One process per device. Under torchrun every process trains on its slice of each global batch
 (DistributedDataParallel; shuffle-BN across ranks); alone, the process uses split BatchNorm.
 A run is a sequence of global steps; every random draw is either seeded per view (the data) or
-part of the saved RNG state (the key shuffle), so ``--resume`` continues the same loss sequence.
+part of the saved RNG state (the key shuffle, the memory bank's negatives), so ``--resume``
+continues the same loss sequence. The mechanism (``--mechanism``, ``mechanisms.py``) decides where
+keys and negatives come from; the loop is the same for all.
 """
 import csv
 import dataclasses
@@ -22,74 +24,20 @@ import torch.nn.functional as F
 import torchvision
 import yaml
 
-from transfer.errors import UserError
 from transfer import fileio
+from transfer.errors import UserError
 from transfer.fileio import atomic_torch_save
-from transfer.image_folder import SKIPPED, ImageFolder, check_skipped, read_skipped
-from transfer.pretrain import knn
-from transfer.pretrain.augment import TwoCropDataset, ViewSampler, eval_transform, moco_augmentation
-from transfer.pretrain.moco import MoCo
+from transfer.image_folder import SKIPPED, check_skipped, read_skipped
+from transfer.pretrain import knn, mechanisms, monitors
+from transfer.pretrain.augment import TwoCropDataset, ViewSampler, moco_augmentation
+from transfer.pretrain.config import PretrainConfig
+from transfer.pretrain.precision import autocast, autocast_dtype
 
-PRESETS = Path(__file__).resolve().parents[2] / "configs" / "pretrain"
 CHECKPOINT = "checkpoint_last.pth.tar"
 
 
-@dataclasses.dataclass
-class PretrainConfig:
-    """Every setting of a run; the presets in configs/pretrain/*.yaml give all of the first block."""
-
-    arch: str
-    moco_dim: int
-    moco_k: int
-    moco_m: float
-    moco_t: float
-    mlp: bool
-    bn_splits: Optional[int]
-    aug_plus: bool
-    image_size: int
-    aug_backend: str
-    workers: int
-    lr: float
-    schedule: list
-    cos: bool
-    epochs: int
-    batch_size: int
-    wd: float
-    momentum: float
-    seed: int
-    precision: str
-    channels_last: bool
-    compile: bool
-    print_freq: int
-    monitor_every: int
-    knn_k: int
-    knn_t: float
-    knn_max_images: int
-    consistency_keys: int
-    # where, and how far
-    output: str = "output/pretrain"
-    data: Optional[str] = None  # root with train/<class>/ (and val/<class>/ for the k-NN monitor); None: demo images
-    resume: Optional[str] = None
-    max_steps: Optional[int] = None  # stop (with a checkpoint) at this global step; --resume continues
-    device: str = "auto"  # auto: CUDA (GPU LOCAL_RANK) when available, else CPU; or cuda / cpu
-
-
-def load_config(preset="v2", **overrides) -> PretrainConfig:
-    """A preset name (configs/pretrain/<name>.yaml) or YAML path, with overrides (None means: keep)."""
-    path = Path(preset) if str(preset).endswith((".yaml", ".yml")) else PRESETS / f"{preset}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
-        raise UserError(f"--preset {preset}: no such preset ({', '.join(names)}) or YAML file")
-    values = fileio.read_yaml_mapping(path, "a mapping of pre-training settings")
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise UserError(f"{path}: unknown settings {unknown}")
-    try:
-        return PretrainConfig(**values)
-    except TypeError as e:
-        raise UserError(f"{path}: {e}") from None
+class Diverged(UserError):
+    """The loss became NaN or infinite; the last checkpoint (before it) is kept."""
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -139,24 +87,26 @@ def data_dirs(data):
     return train, (val if val.is_dir() else None)
 
 
+def bn_groups(cfg, world_size):
+    """BatchNorm groups per process: --bn-splits, else 8 on one process with shuffle-BN (as if on 8
+    GPUs), else 1 (plain BatchNorm, as the official code on one GPU)."""
+    if cfg.bn_splits is not None:
+        return cfg.bn_splits
+    return 8 if world_size == 1 and cfg.shuffle_bn else 1
+
+
 def check_sizes(cfg, world_size, bn_splits):
     if cfg.batch_size % world_size:
         raise UserError(f"--batch-size {cfg.batch_size}: not divisible by the {world_size} processes")
-    if cfg.moco_k % cfg.batch_size:
+    if cfg.mechanism == "moco" and cfg.moco_k % cfg.batch_size:
         raise UserError(f"--moco-k {cfg.moco_k}: the queue size must be a multiple of --batch-size {cfg.batch_size}")
     if (cfg.batch_size // world_size) % bn_splits:
-        raise UserError(f"--bn-splits {bn_splits}: does not divide the per-process batch {cfg.batch_size // world_size}")
-    if cfg.aug_backend not in ("cpu", "gpu"):
-        raise UserError(f"--aug-backend {cfg.aug_backend}: expected cpu or gpu")
-    if cfg.arch not in torchvision.models.list_models(torchvision.models) or not cfg.arch.startswith(("resnet", "resnext", "wide_resnet")):
-        raise UserError(f"--arch {cfg.arch}: expected a torchvision ResNet (resnet18 ... resnet152, resnext*, wide_resnet*)")
-
-
-def autocast_dtype(cfg, device):
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    if precision not in ("bf16", "fp32"):
-        raise UserError(f"--precision {cfg.precision}: expected auto, bf16 or fp32")
-    return torch.bfloat16 if precision == "bf16" else None
+        raise UserError(f"--bn-splits {bn_splits}: does not divide the per-process batch "
+                        f"{cfg.batch_size // world_size}")
+    resnets = ("resnet", "resnext", "wide_resnet")
+    if cfg.arch not in torchvision.models.list_models(torchvision.models) or not cfg.arch.startswith(resnets):
+        raise UserError(f"--arch {cfg.arch}: expected a torchvision ResNet (resnet18 ... resnet152, resnext*, "
+                        "wide_resnet*)")
 
 
 def learning_rate(cfg, epoch):
@@ -196,8 +146,9 @@ def load_checkpoint(path, model, optimizer, steps_per_epoch):
         missing, unexpected = [], ["(tensor shapes differ)"]
     missing = [k for k in missing if k != "queue_ids"]  # official checkpoints do not track view ids
     if missing or unexpected:
-        raise UserError(f"--resume {path}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-                        "check --arch / --moco-dim / --moco-k / --mlp")
+        raise UserError(f"--resume {path}: does not match the model (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}); check --mechanism / --arch / --moco-dim / --moco-k / --mlp / "
+                        "--small-stem")
     optimizer.load_state_dict(ckpt["optimizer"])
     if "rng" in ckpt:
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -231,81 +182,61 @@ class CsvLog:
         self._write(rows, "a")
 
 
-# ----------------------------------------------------------------------------- monitors
 
+class RunLogs:
+    """What the main process writes while training: CSV logs, TensorBoard, the progress bar."""
 
-@torch.no_grad()
-def dictionary_consistency(model, dataset, local_batch, global_batch, device, max_keys=1024):
-    """Cosine between queued keys and the same views re-encoded by today's key encoder, by key age.
+    def __init__(self, output, start_step, last_step, resumed, desc):
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
 
-    Samples whole training batches of the queue (evenly over ages) and re-encodes each in chunks of
-    the per-process batch, so BatchNorm sees batches like the ones that made the keys (training
-    mode; the running statistics are restored afterwards). With split BN the keys were made in
-    randomly shuffled BN groups, so even the newest keys score a little below 1 (less so the larger
-    the groups). Returns (age in steps, cosine) per key.
-    """
-    num_batches = model.K // global_batch
-    ages = torch.linspace(0, num_batches - 1, min(num_batches, max(1, max_keys // global_batch))).round().long()
-    newest = (int(model.queue_ptr) - global_batch) % model.K  # first slot of the last enqueued batch
-    encoder = model.encoder_k
-    buffers = {name: b.clone() for name, b in encoder.named_buffers()}
-    all_ages, cosines = [], []
-    for age in ages.tolist():
-        start = (newest - age * global_batch) % model.K
-        slots = torch.arange(start, start + global_batch, device=model.queue.device)
-        ids = model.queue_ids[slots]
-        if (ids < 0).any():  # slots still holding the random initial keys
-            continue
-        images = torch.stack([dataset.key_view(int(i)) for i in ids])
-        keys = torch.cat([F.normalize(encoder(x.to(device)).float(), dim=1) for x in images.split(local_batch)])
-        cosines.append((keys * model.queue[:, slots].T).sum(1).cpu())
-        all_ages.append(torch.full((global_batch,), age))
-    for name, b in encoder.named_buffers():
-        b.copy_(buffers[name])
-    if not cosines:
-        return torch.empty(0, dtype=torch.long), torch.empty(0)
-    return torch.cat(all_ages), torch.cat(cosines)
+        resume_step = start_step if resumed else None
+        self.output = output
+        self.train = CsvLog(output / "log.csv",
+                            ["step", "epoch", "lr", "loss", "acc1", "images_per_s", "skipped_images"], resume_step)
+        self.monitor = CsvLog(output / "monitor.csv", ["step", "epoch", "knn_top1", *monitors.SUMMARY], resume_step)
+        self.consistency = CsvLog(output / "dictionary_consistency.csv",
+                                  ["step", "epoch", "age_steps", "cosine", "margin", "retrieved"], resume_step)
+        self.tensorboard = SummaryWriter(output / "tb", purge_step=start_step)
+        self.bar = tqdm(total=last_step, initial=start_step, unit="step", dynamic_ncols=True, desc=desc)
 
-
-def plot_consistency(csv_path, png_path):
-    """One curve per monitored epoch: mean cosine of queued vs re-encoded keys, against key age."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    table = pd.read_csv(csv_path)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for epoch, rows in table.groupby("epoch"):
-        curve = rows.groupby("age_steps")["cosine"].mean()
-        ax.plot(curve.index, curve.values, marker=".", label=f"epoch {epoch}")
-    ax.set_xlabel("key age in the queue (steps)")
-    ax.set_ylabel("cos(queued key, key re-encoded now)")
-    ax.set_title("MoCo dictionary consistency")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-
-
-def knn_loaders(train_dir, val_dir, cfg, batch):
-    """Deterministic subsets (at most knn_max_images) of train (the bank) and val (the queries)."""
-    loaders = []
-    for root in (train_dir, val_dir):
-        images = ImageFolder(root, eval_transform(cfg.image_size), skipped=Path(cfg.output) / SKIPPED)
-        n = min(len(images), cfg.knn_max_images)
-        subset = torch.utils.data.Subset(images, torch.linspace(0, len(images) - 1, n).round().long().tolist())
-        loaders.append(torch.utils.data.DataLoader(subset, batch_size=batch, num_workers=cfg.workers,
-                                                   generator=torch.Generator()))
-    return loaders, len(ImageFolder(train_dir).classes)
+    def close(self):
+        self.bar.close()
+        self.tensorboard.close()
 
 
 # ----------------------------------------------------------------------------- training
 
 
-def two_crop_loader(cfg, proc, dataset, start_step):
+def build_model(cfg, bn_splits, num_images, device, channels_last):
+    """(the mechanism with its seeded initial weights, the same on every rank; its SGD optimizer)."""
+    torch.manual_seed(cfg.seed)
+    model = mechanisms.build(cfg, bn_splits, num_images).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # As the official code: SGD over all parameters (the key encoder's have no gradient and are skipped).
+    optimizer = torch.optim.SGD(model.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+    return model, optimizer
+
+
+def compile_encoders(model):
+    """torch.compile each encoder in place: parameter names (and checkpoints) unchanged."""
+    for encoder in model.children():
+        encoder.compile()
+
+
+def train_step(net, optimizer, im_q, im_k, ids, amp_dtype):
+    """One SGD step of the InfoNCE loss; returns (loss, logits, labels) without waiting for the device."""
+    with autocast(im_q.device, amp_dtype):
+        logits, labels = net(im_q, im_k, ids)
+    loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, logits, labels
+
+
+def two_crop_loader(cfg, proc, dataset, start_step, channels_last):
     """Batches (im_q, im_k, view_ids) of this process from ``start_step`` on, from either backend:
     cpu: PIL augmentation in DataLoader workers; gpu: JPEG bytes decoded and augmented on the device."""
     local_batch = cfg.batch_size // proc.world_size
@@ -317,7 +248,7 @@ def two_crop_loader(cfg, proc, dataset, start_step):
         return jpeg_data.GPUTwoCropLoader(
             jpeg_data.JpegFolder(dataset.images.root, skipped=dataset.images.skipped),
             GPUAugment.from_transform(dataset.transform), local_batch,
-            sampler=sampler, workers=cfg.workers, device=proc.device, seed=cfg.seed, channels_last=cfg.channels_last)
+            sampler=sampler, workers=cfg.workers, device=proc.device, seed=cfg.seed, channels_last=channels_last)
     return torch.utils.data.DataLoader(
         dataset, batch_size=local_batch, sampler=sampler, num_workers=cfg.workers,
         pin_memory=proc.device.type == "cuda", persistent_workers=cfg.workers > 0,
@@ -325,63 +256,35 @@ def two_crop_loader(cfg, proc, dataset, start_step):
     )
 
 
-class RunLogs:
-    """What the main process writes while training: CSV logs, TensorBoard, the progress bar."""
-
-    def __init__(self, output, start_step, last_step, resumed, desc):
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
-
-        resume_step = start_step if resumed else None
-        self.output = output
-        self.train = CsvLog(output / "log.csv", ["step", "epoch", "lr", "loss", "acc1", "images_per_s", "skipped_images"],
-                            resume_step)
-        self.monitor = CsvLog(output / "monitor.csv", ["step", "epoch", "knn_top1", "dict_consistency"], resume_step)
-        self.consistency = CsvLog(output / "dictionary_consistency.csv", ["step", "epoch", "age_steps", "cosine"], resume_step)
-        self.tensorboard = SummaryWriter(output / "tb", purge_step=start_step)
-        self.bar = tqdm(total=last_step, initial=start_step, unit="step", dynamic_ncols=True, desc=desc)
-
-    def close(self):
-        self.bar.close()
-        self.tensorboard.close()
-
-
 def pretrain(cfg: PretrainConfig) -> Path:
-    """Train MoCo as configured; returns the path of the last checkpoint (OUTPUT/checkpoint_last.pth.tar)."""
+    """Pre-train as configured; returns the path of the last checkpoint (OUTPUT/checkpoint_last.pth.tar)."""
     proc = init_process(cfg.device)
-    bn_splits = cfg.bn_splits if cfg.bn_splits is not None else (8 if proc.world_size == 1 else 1)
+    bn_splits = bn_groups(cfg, proc.world_size)
     check_sizes(cfg, proc.world_size, bn_splits)
-    amp_dtype = autocast_dtype(cfg, proc.device)
+    amp_dtype = autocast_dtype(cfg.precision, proc.device)
+    channels_last = cfg.channels_last and proc.device.type == "cuda"  # on a CPU it slows the step down
     output = Path(cfg.output)
     checkpoint = output / CHECKPOINT
     if checkpoint.exists() and cfg.resume is None:
         raise UserError(f"--output {output}: holds a checkpoint already; pass --resume {checkpoint} to continue "
                         "or choose another --output")
     train_dir, val_dir = data_dirs(cfg.data)
-
-    torch.manual_seed(cfg.seed)  # same initial weights and queue on every rank
-    model = MoCo(torchvision.models.get_model_builder(cfg.arch), cfg.moco_dim, cfg.moco_k, cfg.moco_m,
-                 cfg.moco_t, cfg.mlp, bn_splits).to(proc.device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    # As the official code: SGD over all parameters (the key encoder's have no gradient and are skipped).
-    optimizer = torch.optim.SGD(model.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
-
     dataset = TwoCropDataset(train_dir, moco_augmentation(cfg.image_size, cfg.aug_plus), seed=cfg.seed,
                              skipped=output / SKIPPED)
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise UserError(f"--data {train_dir}: {len(dataset)} images, fewer than one batch of --batch-size {cfg.batch_size}")
+        raise UserError(f"--data {train_dir}: {len(dataset)} images, fewer than one batch of "
+                        f"--batch-size {cfg.batch_size}")
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps or total_steps)
 
+    model, optimizer = build_model(cfg, bn_splits, len(dataset), proc.device, channels_last)
     step = load_checkpoint(cfg.resume, model, optimizer, steps_per_epoch) if cfg.resume else 0
     if proc.device.type == "cuda" and cfg.compile:
-        model.encoder_q.compile()  # in place: parameter names (and checkpoints) unchanged
-        model.encoder_k.compile()
+        compile_encoders(model)
     net = model
     if proc.world_size > 1:
-        # Buffers are not broadcast at every step: the queue is identical on every rank by
+        # Buffers are not broadcast at every step: the queue (the bank) is identical on every rank by
         # construction, and each rank keeps its own BN running statistics (rank 0's are saved).
         # (torch >= 2.14 calls the flag deprecated in favour of forward_sync_buffers, which older
         # releases lack; its meaning is unchanged.)
@@ -390,22 +293,24 @@ def pretrain(cfg: PretrainConfig) -> Path:
             net = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None, broadcast_buffers=False)
 
-    loader = two_crop_loader(cfg, proc, dataset, step)
+    loader = two_crop_loader(cfg, proc, dataset, step, channels_last)
 
     logs = knn_data = None
     if proc.main:
         output.mkdir(parents=True, exist_ok=True)
         resolved = dataclasses.asdict(cfg) | {"bn_splits": bn_splits}
         (output / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        logs = RunLogs(output, step, last_step, cfg.resume is not None, f"MoCo {cfg.arch}")
+        logs = RunLogs(output, step, last_step, cfg.resume is not None, f"{cfg.mechanism} {cfg.arch}")
         if val_dir and cfg.monitor_every:
-            knn_data = knn_loaders(train_dir, val_dir, cfg, cfg.batch_size // proc.world_size)
+            *knn_data, line = monitors.knn_loaders(train_dir, val_dir, cfg, cfg.batch_size // proc.world_size)
+            logs.bar.write(line)
 
     stop = {"signal": None}  # SIGTERM (SLURM pre-emption): checkpoint after the current step, then exit
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     try:
-        run = Run(cfg, proc, model, net, optimizer, dataset, amp_dtype, steps_per_epoch, logs, knn_data)
-        run.train(loader, step, last_step, stop, checkpoint)
+        trainer = Trainer(cfg, proc, model, net, optimizer, dataset, amp_dtype, channels_last, bn_splits,
+                          steps_per_epoch, logs, knn_data)
+        trainer.train(loader, step, last_step, stop, checkpoint)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         if logs:
@@ -420,25 +325,28 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
 
 @dataclasses.dataclass
-class Run:
+class Trainer:
+    """The training loop of one process, and the monitors it runs between epochs."""
+
     cfg: PretrainConfig
     proc: Process
-    model: MoCo
+    model: torch.nn.Module  # the mechanism (mechanisms.py)
     net: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
     optimizer: torch.optim.Optimizer
-    dataset: TwoCropDataset  # the CPU augmentation, also rebuilds queued views for the consistency monitor
+    dataset: TwoCropDataset  # the CPU augmentation, also rebuilds stored keys' views for the monitors
     amp_dtype: Optional[torch.dtype]
+    channels_last: bool
+    bn_splits: int
     steps_per_epoch: int
     logs: Optional[RunLogs]  # main process only
-    knn_data: Optional[tuple]  # ((bank loader, query loader), num classes) on the main process
+    knn_data: Optional[list]  # [(bank loader, query loader), num classes] on the main process
 
     def autocast(self):
-        dtype = self.amp_dtype
-        return torch.autocast(self.proc.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        return autocast(self.proc.device, self.amp_dtype)
 
     def batch_to_device(self, batch):
         im_q, im_k, ids = (x.to(self.proc.device, non_blocking=True) for x in batch)  # no-op for the gpu backend
-        if self.cfg.channels_last:
+        if self.channels_last:
             im_q, im_k = (x.contiguous(memory_format=torch.channels_last) for x in (im_q, im_k))
         return im_q, im_k, ids
 
@@ -446,6 +354,8 @@ class Run:
         cfg, proc = self.cfg, self.proc
         total_steps = cfg.epochs * self.steps_per_epoch
         self.model.train()
+        if step == 0 and cfg.monitor_every:
+            self.monitor(0, 0)  # the random-init reference every later row is compared with
         loss_sum = torch.zeros((), device=proc.device)
         acc_sum = torch.zeros((), device=proc.device)
         n, busy, tic = 0, 0.0, time.perf_counter()  # images/s counts loading + steps, not monitors/checkpoints
@@ -457,12 +367,7 @@ class Run:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             im_q, im_k, ids = self.batch_to_device(batch)
-            with self.autocast():
-                logits, labels = self.net(im_q, im_k, ids)
-            loss = F.cross_entropy(logits.float(), labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            loss, logits, labels = train_step(self.net, self.optimizer, im_q, im_k, ids, self.amp_dtype)
             step += 1
 
             loss_sum += loss.detach()
@@ -479,11 +384,11 @@ class Run:
             done_epochs = step // self.steps_per_epoch
             end_of_epoch = step % self.steps_per_epoch == 0
             if end_of_epoch and cfg.monitor_every and (done_epochs % cfg.monitor_every == 0 or step == total_steps):
-                if self.logs:
-                    self.monitor(step, done_epochs)
-                if proc.world_size > 1:
-                    dist.barrier()
+                self.monitor(step, done_epochs)
             if (end_of_epoch or step == last_step or stop["signal"]) and proc.main:
+                if not torch.isfinite(loss_sum):  # not since the last log row, which was checked
+                    raise Diverged(f"step {step}: the loss is {loss_sum.item()}: the run diverged; "
+                                   f"{checkpoint} is kept from before")
                 save_checkpoint(checkpoint, self.model, self.optimizer, cfg, step, self.steps_per_epoch, lr)
             if stop["signal"]:
                 break
@@ -498,26 +403,62 @@ class Run:
         for key in ("loss", "acc1", "lr", "images_per_s"):
             self.logs.tensorboard.add_scalar(f"train/{key}", row[key], step)
         self.logs.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc1:.1f}", img_s=f"{images_per_s:.0f}")
+        if not math.isfinite(loss):
+            raise Diverged(f"step {step}: the loss is {loss}: the run diverged (lower --lr?); "
+                           f"the last checkpoint is kept from before")
 
     def monitor(self, step, epoch):
-        """k-NN top-1 on the held-out split and the dictionary-consistency figure (main process)."""
-        row = {"step": step, "epoch": epoch, "knn_top1": "", "dict_consistency": ""}
+        """Every process: the one-batch similarity matrix (MoCo's key shuffle is collective). The main
+        process: k-NN top-1 on the held-out split, the dictionary consistency, their figures."""
+        cpu_views = self.cfg.aug_backend == "cpu"  # the exact crops are rebuilt by the CPU augmentation
+        local_batch = self.cfg.batch_size // self.proc.world_size
+        similarity = consistency = None
+        with monitors.untouched(self.model, self.proc.device), self.autocast():
+            if cpu_views:
+                n = min(local_batch, 64) // self.bn_splits * self.bn_splits
+                similarity = monitors.batch_similarity(self.model, self.dataset, n, self.proc.device)
+            if self.logs and cpu_views:
+                consistency = monitors.dictionary_consistency(self.model, self.dataset, local_batch,
+                                                              self.cfg.batch_size, self.proc.device,
+                                                              self.cfg.consistency_keys)
+        if self.logs:
+            self.report(step, epoch, similarity, consistency)
+        if self.proc.world_size > 1:
+            dist.barrier()
+
+    def report(self, step, epoch, similarity, consistency):
+        """The main process's monitor row, figures and log line (with the k-NN top-1 computed here)."""
+        row = {"step": step, "epoch": epoch, "knn_top1": ""} | dict.fromkeys(monitors.SUMMARY, "")
         if self.knn_data:
             (bank, queries), num_classes = self.knn_data
             row["knn_top1"] = knn.knn_top1(knn.backbone(self.model.encoder_q), bank, queries, num_classes,
                                            self.proc.device, self.cfg.knn_k, self.cfg.knn_t, self.amp_dtype)
-            self.logs.tensorboard.add_scalar("monitor/knn_top1", row["knn_top1"], step)
-        if self.cfg.aug_backend == "cpu":  # the exact key crops are rebuilt by the CPU augmentation
-            with self.autocast():
-                age, cosine = dictionary_consistency(self.model, self.dataset, self.cfg.batch_size // self.proc.world_size,
-                                                     self.cfg.batch_size, self.proc.device, self.cfg.consistency_keys)
-            self.logs.consistency.append(*({"step": step, "epoch": epoch, "age_steps": a, "cosine": c}
-                                           for a, c in zip(age.tolist(), cosine.tolist())))
-            if len(cosine):
-                row["dict_consistency"] = cosine.mean().item()
-                self.logs.tensorboard.add_scalar("monitor/dict_consistency", row["dict_consistency"], step)
-                plot_consistency(self.logs.consistency.path, self.logs.output / "dictionary_consistency.png")
+        output, what = self.logs.output, f"{self.cfg.mechanism}, epoch {epoch}"
+        if consistency:
+            ages, scores, spread = consistency
+            per_key = zip(ages.tolist(), scores["cosine"].tolist(), scores["margin"].tolist(),
+                          scores["retrieved"].int().tolist())
+            self.logs.consistency.append(*({"step": step, "epoch": epoch, "age_steps": a, "cosine": c, "margin": m,
+                                            "retrieved": r} for a, c, m, r in per_key))
+            row |= monitors.summary(scores, spread)
+            monitors.plot_consistency(self.logs.consistency.path, output / "dictionary_consistency.png",
+                                      f"Dictionary consistency ({self.cfg.mechanism})")
+        if similarity is not None:
+            monitors.plot_similarity(similarity, output / "similarity_matrix.png",
+                                     f"One batch, {what}: cos(query, key)")
+        for key, value in row.items():
+            if key not in ("step", "epoch") and value != "":
+                self.logs.tensorboard.add_scalar(f"monitor/{key}", value, step)
         self.logs.monitor.append(row)
-        knn_text = f"{row['knn_top1']:.2f}%" if row["knn_top1"] != "" else "-"
-        consistency_text = f"{row['dict_consistency']:.4f}" if row["dict_consistency"] != "" else "-"
-        self.logs.bar.write(f"epoch {epoch}: k-NN top-1 {knn_text}, dictionary consistency {consistency_text}")
+        self.logs.bar.write(describe(row))
+
+
+def describe(row):
+    """The monitor row as one line of the log."""
+    when = "step 0 (random init)" if row["step"] == 0 else f"epoch {row['epoch']}"
+    knn_text = f"{row['knn_top1']:.2f}%" if row["knn_top1"] != "" else "-"
+    line = f"{when}: k-NN top-1 {knn_text}"
+    if row["dict_consistency"] != "":
+        line += (f", dictionary consistency {row['dict_consistency']:.4f} (raw cosine {row['dict_cosine']:.4f}, "
+                 f"retrieval {row['dict_retrieval']:.1f}%, feature spread {row['feature_spread']:.4f})")
+    return line

@@ -1,7 +1,7 @@
 """MoCo's two-crop augmentation, applied per sample but batched, on the accelerator.
 
-The CPU path (``augment.moco_augmentation``) runs PIL in DataLoader workers; on one H100 that caps
-MoCo v2 R50 at ~900 images/s (issue 6). Here the same torchvision pipeline is read
+The CPU path (``augment.moco_augmentation``) runs PIL in DataLoader workers; on a fast GPU that, not
+the GPU, caps the training speed (README, Performance). Here the same torchvision pipeline is read
 (``GPUAugment.from_transform``) and re-applied to a whole batch of decoded images on the device:
 
     uint8 images -> random resized crop (roi_align, both crops of an image in one call)
@@ -119,7 +119,8 @@ class RandomResizedCrop:
             start += c * h * w
             # The registered op, not the torchvision.ops wrapper: its per-call box conversion
             # costs more host time than the kernel on a 256-image batch.
-            crops.append(torch.ops.torchvision.roi_align(image, rois[i * views:(i + 1) * views], 1.0, size, size, -1, True))
+            crops.append(torch.ops.torchvision.roi_align(image, rois[i * views:(i + 1) * views], 1.0, size, size, -1,
+                                                         True))
         # (n, views, 3, s, s) -> view-major (views * n, 3, s, s), scaled to [0, 1].
         out = torch.stack(crops, 1).view(views * n, 3, size, size)
         return out.to(dtype).mul_(1.0 / 255.0)
@@ -173,7 +174,8 @@ class ColorJitter:
         s = torch.where(gray, torch.zeros_like(chroma), chroma / torch.where(maxc == 0, torch.ones_like(maxc), maxc))
         # HSV -> RGB: channel n (n = 5, 3, 1 for r, g, b) is v - v*s*clamp(min(k, 4 - k), 0, 1),
         # k = (n + 6h) mod 6.
-        k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1) + 6.0 * h, 6.0)
+        n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        k = torch.remainder(n + 6.0 * h, 6.0)
         return maxc - maxc * s * torch.minimum(k, 4.0 - k).clamp_(0, 1)
 
     def apply(self, x, params):

@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from transfer.pretrain.precision import autocast
+
 
 def backbone(resnet):
     """The torchvision ResNet without its fc head (shares the modules, copies nothing)."""
@@ -21,7 +23,7 @@ def extract_features(model, loader, device, autocast_dtype=None):
     model.eval()
     feats, labels = [], []
     for images, target in loader:
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with autocast(device, autocast_dtype):
             f = model(images.to(device, non_blocking=True))
         feats.append(F.normalize(f.float(), dim=1))
         labels.append(target.to(device))
@@ -31,7 +33,8 @@ def extract_features(model, loader, device, autocast_dtype=None):
 
 @torch.no_grad()
 def knn_predict(bank, bank_labels, queries, num_classes, k=200, t=0.07, chunk=1024):
-    """Predicted class of each query: the class with the largest sum of exp(sim / t) over its k nearest bank features."""
+    """Predicted class of each query: the class with the largest sum of exp(sim / t) over its k nearest bank
+    features."""
     k = min(k, bank.shape[0])
     preds = []
     for q in queries.split(chunk):

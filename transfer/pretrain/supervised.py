@@ -15,8 +15,9 @@ import torchvision
 from transfer.errors import UserError
 from transfer.fileio import atomic_torch_save, atomic_write_json
 from transfer.image_folder import ImageFolder
-from transfer.linear_eval import amp_dtype_for, evaluate
 from transfer.pretrain.augment import classification_transform, eval_transform
+from transfer.pretrain.classification import evaluate
+from transfer.pretrain.precision import autocast, autocast_dtype
 
 
 @dataclasses.dataclass
@@ -40,18 +41,20 @@ def train_supervised(cfg: SupervisedConfig) -> Path:
     """Train; returns OUTPUT/supervised_<arch>.pth (plain state dict). Writes OUTPUT/metrics.json too."""
     root = Path(cfg.data)
     if not (root / "train").is_dir():
-        raise UserError(f"--data {root}: expected an ImageFolder root with train/<class>/*.jpg; {root / 'train'} does not exist")
+        raise UserError(f"--data {root}: expected an ImageFolder root with train/<class>/*.jpg; "
+                        f"{root / 'train'} does not exist")
     if cfg.arch not in torchvision.models.list_models(torchvision.models):
         raise UserError(f"--arch {cfg.arch}: not a torchvision classification model")
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp_dtype = amp_dtype_for(cfg.precision, device)
+    amp_dtype = autocast_dtype(cfg.precision, device)
     train_set = ImageFolder(root / "train", classification_transform(cfg.image_size))
     model = torchvision.models.get_model(cfg.arch, num_classes=len(train_set.classes)).to(device)
     lr = cfg.lr if cfg.lr is not None else 0.1 * cfg.batch_size / 256
     optimizer = torch.optim.SGD(model.parameters(), lr, momentum=cfg.momentum, weight_decay=cfg.wd)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_set) > cfg.batch_size,
-                                         num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,
+                                         drop_last=len(train_set) > cfg.batch_size, num_workers=cfg.workers,
+                                         pin_memory=device.type == "cuda")
     val_loader = None
     if (root / "val").is_dir():
         val_loader = torch.utils.data.DataLoader(ImageFolder(root / "val", eval_transform(cfg.image_size)),
@@ -65,7 +68,7 @@ def train_supervised(cfg: SupervisedConfig) -> Path:
         loss_sum, seen = 0.0, 0
         for images, target in loader:
             images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with autocast(device, amp_dtype):
                 logits = model(images)
             loss = F.cross_entropy(logits.float(), target)
             optimizer.zero_grad(set_to_none=True)
