@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast lint clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt constraints.txt scripts/install_detectron2.py pyproject.toml
@@ -19,8 +19,15 @@ $(VENV)/.installed: requirements.txt constraints.txt scripts/install_detectron2.
 demo: setup
 	$(PY) tools/demo.py
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q tests
+
+# The tests that train nothing (no `slow` marker): under two minutes, for the edit-test loop.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: setup
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf $(VENV) datasets/demo results/demo

@@ -8,6 +8,8 @@ import torch
 import torchvision
 from PIL import Image
 
+import transfer  # noqa: F401  (before any test module imports detectron2: transfer/d2compat.py patches it)
+
 REPO = Path(__file__).resolve().parent.parent
 
 

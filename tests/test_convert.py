@@ -11,13 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from torch import nn
-
-from transfer import d2compat  # noqa: F401  (before any detectron2 import)
 from detectron2 import model_zoo
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from torch import nn
 
 from transfer.convert import backbone_from_overlay, convert, load_overlay, verify, weights_settings
 from transfer.errors import UserError
@@ -423,3 +421,21 @@ def test_weights_with_nan_are_refused_unless_allowed(tmp_path):
     allowed = subprocess.run(tool + ["--allow-non-finite"], capture_output=True, text=True)
     assert allowed.returncode == 0, allowed.stderr
     assert (tmp_path / "ckpt.pkl").is_file()
+
+
+def test_a_full_disk_is_one_line_naming_the_weights_file_and_leaves_no_file(tmp_path, monkeypatch, capsys):
+    from collections import namedtuple
+
+    from transfer import fileio
+
+    from conftest import load_script
+
+    path = save(tmp_path, moco_v1(randomized(torchvision.models.resnet18()).state_dict()))
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(fileio.shutil, "disk_usage", lambda folder: Usage(2**20, 2**20 - 4096, 4096))
+    with pytest.raises(SystemExit) as exit:
+        load_script("tools/convert_to_d2.py").main([str(path), "--output", str(tmp_path / "w" / "r18.pkl")])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and error == [
+        f"error: {tmp_path / 'w' / 'r18.pkl'}: cannot write it: no space left (0 MiB free)"]
+    assert os.listdir(tmp_path / "w") == []

@@ -13,13 +13,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
-
-from transfer import d2compat  # noqa: F401
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances
 from detectron2.structures.masks import polygons_to_bitmask
+from PIL import Image
 
 from transfer.datasets import demo
 from transfer.datasets.custom import register_custom
@@ -103,7 +101,8 @@ def test_voc_folder_with_labelling_tool_quirks(messy_voc, tmp_path, caplog):
                        test={"root": "my_voc"}, classes="from_annotations", model="C4", masks=False,
                        schedule={"max_iter": 300, "base_lr": 0.01})
     ds = register_custom(spec)
-    assert (ds.train_dataset, ds.test_dataset, ds.model, ds.evaluator_type) == ("myvoc_train", "myvoc_test", "C4", "coco")
+    assert (ds.train_dataset, ds.test_dataset, ds.model, ds.evaluator_type) == (
+        "myvoc_train", "myvoc_test", "C4", "coco")
     assert ds.class_names == ("cat", "dog", "kite") and ds.num_classes == 3 and ds.schedule["max_iter"] == 300
     train, test = DatasetCatalog.get("myvoc_train"), DatasetCatalog.get("myvoc_test")
     names = lambda dicts: {Path(d["file_name"]).name for d in dicts}  # noqa: E731
@@ -239,7 +238,8 @@ def labelme_examples():
     if not examples.is_dir():
         cache.mkdir(parents=True, exist_ok=True)
         try:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary=:all:", "--retries", "1", "--timeout", "20",
+            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary=:all:",
+                            "--retries", "1", "--timeout", "20",
                             LABELME, "-d", str(cache)], check=True, capture_output=True, timeout=180)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
             pytest.skip(f"could not fetch the {LABELME} source archive from PyPI (offline?): {type(e).__name__}")
@@ -506,3 +506,17 @@ def test_on_a_cpu_a_yaml_without_batch_or_image_size_gets_a_batch_and_size_a_cpu
     task = get_task(str(_coco_yaml(tmp_path, schedule={"max_iter": 30, "base_lr": 0.01})))
     cfg = ft.resolve_config(task, weights_file, "custom")
     assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR) == (2, 0.01)  # the YAML's LR, not scaled
+
+
+def test_looking_a_custom_task_up_registers_nothing_until_a_run_registers_its_datasets(pets, tmp_path):
+    from transfer import finetune as ft
+    from transfer.tasks import get_task, is_custom_task
+
+    spec = str(_coco_yaml(tmp_path, name="lookup", split={"test": 0.3}))
+    task = get_task(spec)  # the YAML and its data are read and checked, nothing is registered
+    assert is_custom_task(spec) and not is_custom_task("voc07")
+    assert task.train == ("lookup_train",) and task.overrides["MODEL.ROI_HEADS.NUM_CLASSES"] == 3
+    assert not {"lookup_train", "lookup_test"} & set(DatasetCatalog.list())
+    ft.register_datasets(task.name, None)  # where a process is about to read them
+    train, test = DatasetCatalog.get("lookup_train"), DatasetCatalog.get("lookup_test")
+    assert len(train) + len(test) == 10 and MetadataCatalog.get("lookup_train").thing_classes == ["cat", "dog", "horse"]

@@ -10,14 +10,10 @@ import json
 import shutil
 import time
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from transfer import d2compat  # noqa: F401
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.data.datasets.pascal_voc import CLASS_NAMES as VOC_CLASSES
@@ -25,6 +21,7 @@ from detectron2.evaluation import COCOEvaluator, LVISEvaluator, PascalVOCDetecti
 from detectron2.evaluation.pascal_voc_evaluation import parse_rec
 from detectron2.structures import Boxes, BoxMode, Instances
 from detectron2.structures.masks import polygons_to_bitmask
+from PIL import Image
 
 from transfer.datasets import catalog, demo
 from transfer.errors import UserError
@@ -205,7 +202,8 @@ def test_lvis_v1_over_coco_images_scores_100_with_ground_truth(root, tmp_path):
     assert person["instance_count"] == sum(a["category_id"] == person["id"] for a in train_data["annotations"])
 
     val, _ = _counts("lvis_v1_val")
-    assert len(val) == SIZES["coco"]["val2017"] and len(DatasetCatalog.get("lvis_v1_train")) == SIZES["coco"]["train2017"]
+    assert len(val) == SIZES["coco"]["val2017"]
+    assert len(DatasetCatalog.get("lvis_v1_train")) == SIZES["coco"]["train2017"]
     assert all(d["file_name"].endswith(".jpg") and open(d["file_name"], "rb") for d in val)
     results = _evaluate(LVISEvaluator("lvis_v1_val", output_dir=str(tmp_path)), val, masks=True)
     for key in ("AP", "APr", "APc", "APf"):
@@ -217,7 +215,8 @@ def test_cityscapes_instance_and_semantic(root):
 
     train, c_train = _counts("cityscapes_fine_instance_seg_train")
     val, c_val = _counts("cityscapes_fine_instance_seg_val")
-    assert len(train) == sum(SIZES["cityscapes"]["train"].values()) and len(val) == sum(SIZES["cityscapes"]["val"].values())
+    assert len(train) == sum(SIZES["cityscapes"]["train"].values())
+    assert len(val) == sum(SIZES["cityscapes"]["val"].values())
     thing_classes = MetadataCatalog.get("cityscapes_fine_instance_seg_train").thing_classes
     assert {thing_classes[i] for i in c_train} == set(demo.CITYSCAPES_THINGS)
     n_polygons = 0
@@ -228,7 +227,7 @@ def test_cityscapes_instance_and_semantic(root):
 
     sem = DatasetCatalog.get("cityscapes_fine_sem_seg_val")
     assert len(sem) == len(val)
-    train_ids = {l.trainId for l in labels}
+    train_ids = {label.trainId for label in labels}
     for d in sem:
         train_map = np.asarray(Image.open(d["sem_seg_file_name"]))
         label_map = np.asarray(Image.open(d["sem_seg_file_name"].replace("labelTrainIds", "labelIds")))
@@ -242,8 +241,16 @@ def test_cityscapes_instance_and_semantic(root):
         assert (instance_map >= 24000).any()  # instances are encoded as id * 1000 + k
 
 
-def test_check_accepts_the_demo_root(root):
-    catalog.check(demo.DATASET_NAMES, root)
+def test_check_accepts_the_demo_root_for_the_demo_names_only(root):
+    catalog.check(demo.DATASET_NAMES, root)  # raises UserError on the first dataset it finds wrong
+    # each demo name is one the check inspects (not a registered name it lets through unchecked) ...
+    assert set(demo.DATASET_NAMES) <= set(catalog.known_names())
+    # ... and the names whose files the demo does not write are refused on the same root.
+    others = sorted(set(catalog.known_names()) - set(demo.DATASET_NAMES))
+    assert others
+    for name in others:
+        with pytest.raises(UserError, match=f"{root}/.*: missing"):
+            catalog.check([name], root)
 
 
 def _copy(root, tmp_path, *parts):

@@ -23,7 +23,7 @@ def test_environment_yml_matches_constraints():
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     named = _pins(pip) | {k.replace("pytorch", "torch"): v for k, v in _pins(conda).items()}
     required = _pins((ROOT / "requirements.txt").read_text().splitlines())
-    direct = [l.split("#")[0].strip() for l in (ROOT / "requirements.txt").read_text().splitlines()]
+    direct = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
     direct = {re.split(r"[=<>\s]", d)[0].lower().replace("_", "-") for d in direct if d}
     assert direct <= set(named), f"environment.yml lacks {direct - set(named)}"
     for name, version in named.items():

@@ -10,14 +10,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from torch.nn import functional as F
-
-from transfer import d2compat  # noqa: F401
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, BoxMode, Instances
 from detectron2.structures.masks import polygons_to_bitmask
+from PIL import Image
+from torch.nn import functional as F
 
 from transfer.d2 import evaluation
 from transfer.d2.config import get_cfg

@@ -49,3 +49,13 @@ def test_a_real_full_file_system_gives_the_same_line(tmp_path):
         assert sorted(os.listdir(small)) == ["fits.bin"]
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_an_atomic_write_leaves_the_permissions_a_plain_write_would(tmp_path):
+    plain, atomic = tmp_path / "plain.json", tmp_path / "atomic.json"
+    plain.write_text("{}")
+    fileio.atomic_write_text(atomic, "{}")
+    assert atomic.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+    atomic.chmod(0o640)
+    fileio.atomic_write_text(atomic, "{}")
+    assert atomic.stat().st_mode & 0o777 == 0o640

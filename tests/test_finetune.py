@@ -17,11 +17,9 @@ import pytest
 import torch
 import yaml
 
-from transfer import d2compat  # noqa: F401
-
 from transfer import fileio, suite
-from transfer.d2 import evaluation
 from transfer import finetune as ft
+from transfer.d2 import evaluation
 from transfer.datasets import demo
 from transfer.errors import UserError
 from transfer.tasks import TASKS, get_task
@@ -144,7 +142,8 @@ def _coco_custom(demo_root, folder):
     source = json.loads((demo_root / "coco/annotations/instances_train2017.json").read_text())
     used = sorted({a["category_id"] for a in source["annotations"]})
     categories = [{"id": 0, "name": "_background_"}] + [
-        {"id": i + 1, "name": next(c["name"] for c in source["categories"] if c["id"] == cid)} for i, cid in enumerate(used)]
+        {"id": i + 1, "name": next(c["name"] for c in source["categories"] if c["id"] == cid)}
+        for i, cid in enumerate(used)]
     remap = {cid: i + 1 for i, cid in enumerate(used)}
     (folder / "images" / "pics").mkdir(parents=True)
     images = []
@@ -154,7 +153,8 @@ def _coco_custom(demo_root, folder):
     ids = {image["id"]: i for i, image in enumerate(source["images"])}
     annotations = [{**a, "id": k, "image_id": ids[a["image_id"]], "category_id": remap[a["category_id"]]}
                    for k, a in enumerate(source["annotations"])]
-    (folder / "train.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    coco = {"images": images, "annotations": annotations, "categories": categories}
+    (folder / "train.json").write_text(json.dumps(coco))
     (folder / "shapes.yaml").write_text(yaml.safe_dump({
         "name": "shapes", "format": "coco", "model": "FPN", "masks": True, "classes": "from_annotations",
         "train": {"json": "train.json", "images": "images"}, "test": {"json": "train.json", "images": "images"},
@@ -190,7 +190,8 @@ def test_custom_dataset_trains_and_evaluates(make, moco_weights, demo_root, tmp_
     if make is _voc_custom:  # the YAML's own schedule is the task's default
         assert task.default_schedule == "custom"
         cfg = ft.resolve_config(task, moco_weights, "custom")
-        assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS, cfg.SOLVER.BASE_LR, cfg.SOLVER.IMS_PER_BATCH) == (40, (30,), 0.02, 4)
+        solver = cfg.SOLVER
+        assert (solver.MAX_ITER, solver.STEPS, solver.BASE_LR, solver.IMS_PER_BATCH) == (40, (30,), 0.02, 4)
         assert cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeadsExtraNorm" and cfg.MODEL.ROI_HEADS.NUM_CLASSES == 20
     # trained with the demo's sizes (the user's images here are demo images), 40 iterations
     record = ft.finetune(str(spec), moco_weights, "demo", 0, tmp_path / "run", demo_root,
@@ -225,8 +226,10 @@ def test_two_cpu_processes_and_resume(moco_weights, demo_root, tmp_path):
     """--num-gpus 2 without GPUs: two gloo processes (naiveSyncBN); then a longer run resumes."""
     if torch.cuda.is_available():
         pytest.skip("the CPU multi-process path runs only without GPUs")
-    opts = ["SOLVER.MAX_ITER", "4", "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.PRECISE_BN.ENABLED", "False"]
-    record = ft.finetune("voc07", moco_weights, "demo", 0, tmp_path, demo_root, num_gpus=2, opts=opts, keep_checkpoints=True)
+    opts = ["SOLVER.MAX_ITER", "4", "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD", "2",
+            "TEST.PRECISE_BN.ENABLED", "False"]
+    record = ft.finetune("voc07", moco_weights, "demo", 0, tmp_path, demo_root, num_gpus=2, opts=opts,
+                         keep_checkpoints=True)
     assert record["status"] == "ok" and record["num_gpus"] == 2 and record["iterations"] == 4
     assert (tmp_path / "model_final.pth").is_file()
     opts[1] = "6"  # same folder, longer schedule: continues from the checkpoint at iteration 4

@@ -2,6 +2,7 @@
 import pytest
 
 from transfer import finetune_bench
+from transfer.d2 import sync_free
 from transfer.datasets import demo
 from transfer.errors import UserError
 
@@ -31,12 +32,14 @@ def test_sync_free_heads_replace_detectron2s_rpn_and_our_roi_heads(moco_weights)
     from transfer.finetune import resolve_config
     from transfer.tasks import get_task
 
-    fpn = finetune_bench.with_heads(resolve_config(get_task("coco_fpn_1x"), moco_weights, "demo"), "sync_free")
+    fpn = sync_free.with_heads(resolve_config(get_task("coco_fpn_1x"), moco_weights, "demo"), "sync_free")
     assert (fpn.MODEL.PROPOSAL_GENERATOR.NAME, fpn.MODEL.ROI_HEADS.NAME) == ("SyncFreeRPN", "SyncFreeStandardROIHeads")
-    c4 = finetune_bench.with_heads(resolve_config(get_task("coco_c4_1x"), moco_weights, "demo"), "sync_free")
-    assert (c4.MODEL.PROPOSAL_GENERATOR.NAME, c4.MODEL.ROI_HEADS.NAME) == ("SyncFreeRPN", "SyncFreeRes5ROIHeadsExtraNorm")
-    custom = resolve_config(get_task("coco_fpn_1x"), moco_weights, "demo", opts=["MODEL.ROI_HEADS.NAME", "Res5ROIHeads"])
-    assert finetune_bench.with_heads(custom, "sync_free").MODEL.ROI_HEADS.NAME == "Res5ROIHeads"  # no sync-free twin
+    c4 = sync_free.with_heads(resolve_config(get_task("coco_c4_1x"), moco_weights, "demo"), "sync_free")
+    assert c4.MODEL.PROPOSAL_GENERATOR.NAME == "SyncFreeRPN"
+    assert c4.MODEL.ROI_HEADS.NAME == "SyncFreeRes5ROIHeadsExtraNorm"
+    custom = resolve_config(get_task("coco_fpn_1x"), moco_weights, "demo",
+                            opts=["MODEL.ROI_HEADS.NAME", "Res5ROIHeads"])
+    assert sync_free.with_heads(custom, "sync_free").MODEL.ROI_HEADS.NAME == "Res5ROIHeads"  # no sync-free twin
 
 
 def test_the_readback_counter_sees_what_waits_for_a_gpu():
@@ -64,23 +67,23 @@ def test_the_readback_counter_sees_what_waits_for_a_gpu():
 
 def test_synthetic_coco_has_cocos_load(tmp_path):
     """The --synthetic data: COCO-format, 640x480, several polygon instances per image, loadable by detectron2."""
-    from transfer import d2compat  # noqa: F401
     from detectron2.data.datasets import load_coco_json
 
-    root = finetune_bench.synthetic_coco(tmp_path, num_images=6)
+    root = demo.synthetic_coco(tmp_path, num_images=6)
     records = load_coco_json(str(root / "coco/annotations/instances_train2017.json"), str(root / "coco/train2017"))
     assert len(records) == 6
     assert all((r["width"], r["height"]) == (640, 480) for r in records)
     counts = [len(r["annotations"]) for r in records]
     assert min(counts) >= 3 and sum(counts) / len(counts) >= 5
     assert all(a["segmentation"] and a["bbox"][2] > 0 for r in records for a in r["annotations"])
-    assert finetune_bench.synthetic_coco(tmp_path, num_images=6) == root  # written once
+    assert demo.synthetic_coco(tmp_path, num_images=6) == root  # written once
 
 
 def test_mask_target_bench_times_both_rasterizers_on_the_same_proposals(tmp_path):
-    root = finetune_bench.synthetic_coco(tmp_path, num_images=2)
+    root = demo.synthetic_coco(tmp_path, num_images=2)
     rows = finetune_bench.time_mask_targets(root, "cpu", images=2, rois_per_image=8, repeats=1)
     assert [(r.rasterizer, r.rois) for r in rows] == [("detectron2", 16), ("packed_polygons", 16),
                                                       ("packed_polygons per image", 16)]
     assert all(r.ms_per_batch > 0 for r in rows)
-    assert rows[1].readbacks == rows[2].readbacks == 0  # ours (detectron2's reads the matched indices back: a copy, uncounted on a CPU)
+    # ours (detectron2's reads the matched indices back: a copy, uncounted on a CPU)
+    assert rows[1].readbacks == rows[2].readbacks == 0

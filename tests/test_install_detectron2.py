@@ -49,7 +49,8 @@ def test_the_sdist_comes_from_pip_index_url_and_is_hash_checked(installer, index
     assert (tmp_path / "got.tar.gz").read_bytes() == data
 
 
-def test_a_wrong_hash_or_an_unreachable_index_is_one_line_naming_what_was_tried(installer, index, tmp_path, monkeypatch):
+def test_a_wrong_hash_or_an_unreachable_index_is_one_line_naming_what_was_tried(installer, index, tmp_path,
+                                                                                   monkeypatch):
     url = publish(index, b"tampered")
     monkeypatch.setenv("PIP_INDEX_URL", url)
     monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "http://127.0.0.1:9/simple")

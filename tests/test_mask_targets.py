@@ -1,9 +1,6 @@
 """PackedPolygons: Mask R-CNN's polygon mask targets rasterized with tensor operations."""
 import numpy as np
 import torch
-
-from transfer import d2compat  # noqa: F401
-
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 
 from transfer.d2.mask_targets import PackedPolygons

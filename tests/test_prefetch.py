@@ -5,9 +5,6 @@ import time
 import numpy as np
 import pytest
 import torch
-
-from transfer import d2compat  # noqa: F401
-
 from detectron2.structures import BitMasks, Boxes, Instances, Keypoints, PolygonMasks
 
 from transfer.d2.prefetch import Prefetcher, to_device
@@ -82,6 +79,20 @@ def test_draws_at_most_depth_batches_ahead():
     assert not prefetch_threads() and loader.closed
 
 
+def test_closing_the_prefetcher_ends_its_open_iterations_and_their_threads():
+    loaders = [CountingLoader(100), CountingLoader(100)]
+    prefetchers = [Prefetcher(loaders[0], "cpu", depth=2), Prefetcher(loaders[1], "cpu", depth=0)]
+    iterations = [iter(p) for p in prefetchers]
+    assert [next(batches)[0]["image_id"] for batches in iterations] == [0, 0]
+    assert len(prefetch_threads()) == 1  # depth 0: no thread
+    for prefetcher in prefetchers:
+        prefetcher.close()  # what the trainer does after its last step
+    assert not prefetch_threads() and all(loader.closed for loader in loaders)
+    for batches in iterations:
+        with pytest.raises(StopIteration):
+            next(batches)
+
+
 def test_a_loader_error_reaches_the_training_thread():
     batches = iter(Prefetcher(CountingLoader(10, fail_at=2), "cpu"))
     assert [next(batches)[0]["image_id"] for _ in range(2)] == [0, 1]
@@ -99,7 +110,8 @@ def test_to_device_moves_every_tensor_and_keeps_the_structures():
                {k: v for k, v in theirs.items() if k not in ("image", "instances")}
         assert ours["image"].device.type == "meta" and ours["image"].shape == theirs["image"].shape
         instances = ours["instances"]
-        assert instances.image_size == (32, 48) and instances.get_fields().keys() == theirs["instances"].get_fields().keys()
+        assert instances.image_size == (32, 48)
+        assert instances.get_fields().keys() == theirs["instances"].get_fields().keys()
         for name in ("gt_boxes", "gt_keypoints", "gt_bitmasks"):
             assert type(instances.get(name)) is type(theirs["instances"].get(name))
             assert instances.get(name).tensor.device.type == "meta"

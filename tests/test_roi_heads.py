@@ -3,9 +3,6 @@ sampling with one read-back per batch."""
 import numpy as np
 import pytest
 import torch
-
-from transfer import d2compat  # noqa: F401
-
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import build_roi_heads
@@ -15,7 +12,6 @@ from detectron2.utils.events import EventStorage
 from transfer.d2 import roi_heads, step_scalars  # (importing roi_heads registers the heads)
 from transfer.d2.mask_targets import PackedPolygons
 from transfer.finetune_bench import HostReadbacks
-
 
 # detectron2's (or our C4) head -> its sync-free version, and the features each reads.
 HEADS = {"StandardROIHeads": ("SyncFreeStandardROIHeads", {"p2": ShapeSpec(channels=8, stride=4)}),

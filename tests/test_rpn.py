@@ -1,9 +1,6 @@
 """SyncFreeRPN: detectron2's RPN targets and losses, without reading GPU values back to the host."""
 import pytest
 import torch
-
-from transfer import d2compat  # noqa: F401
-
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.matcher import Matcher

@@ -1,4 +1,4 @@
-"""Semantic segmentation (issue 7): the FCN head, the data pipeline, VOC registration, evaluators."""
+"""Semantic segmentation: the FCN head, the data pipeline, VOC registration, evaluators."""
 import logging
 import math
 from pathlib import Path
@@ -6,14 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from transfer import d2compat  # noqa: F401
-
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
+from PIL import Image
 from torch.nn import functional as F
 
 from transfer.d2 import evaluation, semseg
@@ -276,7 +273,8 @@ def test_cityscapes_evaluator_gives_100_on_ground_truth(demo_root, tmp_path):
         evaluator.process([record], [{"sem_seg": F.one_hot(train_ids, 19).permute(2, 0, 1).float()}])
     result = evaluator.evaluate()["sem_seg"]
     assert result["IoU"] == pytest.approx(100.0)
-    assert evaluation.headline_metrics("cityscapes_sem_seg", {"sem_seg": result}, ["mIoU"]) == {"mIoU": pytest.approx(100.0)}
+    headline = evaluation.headline_metrics("cityscapes_sem_seg", {"sem_seg": result}, ["mIoU"])
+    assert headline == {"mIoU": pytest.approx(100.0)}
 
 
 def run_demo(task_name, weights, root, output, opts=()):
@@ -296,7 +294,8 @@ def run_demo(task_name, weights, root, output, opts=()):
 
 def test_cityscapes_demo_run_learns_well_above_chance(demo_root, random_weights, tmp_path):
     written = run_demo("cityscapes_sem", random_weights, demo_root, tmp_path / "run")
-    assert written["dataset_split"] == {"train": ["cityscapes_fine_sem_seg_train"], "test": ["cityscapes_fine_sem_seg_val"]}
+    assert written["dataset_split"] == {"train": ["cityscapes_fine_sem_seg_train"],
+                                        "test": ["cityscapes_fine_sem_seg_val"]}
     chance = constant_guess_miou("cityscapes_sem_seg", "cityscapes_fine_sem_seg_val", tmp_path)
     assert written["metrics"]["mIoU"] > 2 * chance + 5, (written["metrics"], chance)  # measured: 28 vs 4
 

@@ -1,6 +1,9 @@
 """The suite: planning, run identity, the per-run lock, resume after a kill, concurrent invocations."""
+import contextlib
+import errno
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -235,7 +238,7 @@ def test_a_run_killed_by_sigkill_is_reported_as_killed_out_of_memory_with_its_pe
     # A stand-in for tools/finetune.py that fills 64 MiB and is killed as the OOM killer kills.
     child = tmp_path / "finetune.py"
     child.write_text("import os, signal\nheld = b'x' * (64 * 2**20)\nos.kill(os.getpid(), signal.SIGKILL)\n")
-    monkeypatch.setattr(suite, "FINETUNE", child)
+    monkeypatch.setattr(suite.execution, "FINETUNE", child)
     runs = suite.plan([fake_weights(tmp_path, "moco")], ["voc07"], "demo", 1, tmp_path / "out")
     shown = io.StringIO()
     [outcome] = suite.run_suite(runs, suite.LocalLauncher(), stream=shown)
@@ -433,7 +436,9 @@ def test_an_override_of_the_wrong_type_is_one_line_before_any_run_and_locks_noth
     assert not (tmp_path / "out").exists()  # no suite.json: the folder is not locked to the bad override
 
 
-def test_a_suite_killed_with_sigkill_leaves_no_child_holding_the_lock(tmp_path, monkeypatch):
+def kill_the_suite_during_a_run(tmp_path, monkeypatch):
+    """A suite (suite.execute in a forked process) killed with SIGKILL while its run trains; waits
+    until the run's lock is free again. Returns the run, the suite's pid and its child's pid."""
     import multiprocessing
     import signal
     import time
@@ -443,7 +448,7 @@ def test_a_suite_killed_with_sigkill_leaves_no_child_holding_the_lock(tmp_path, 
     child.write_text(f"import os, sys, time\nsys.path.insert(0, {str(REPO)!r})\n"
                      "from transfer.suite import die_with_suite\ndie_with_suite()\n"
                      f"open({str(tmp_path / 'child.pid')!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
-    monkeypatch.setattr(suite, "FINETUNE", child)
+    monkeypatch.setattr(suite.execution, "FINETUNE", child)
     [run] = suite.plan([fake_weights(tmp_path, "moco")], ["voc07"], "demo", 1, tmp_path / "out")
     suite_process = multiprocessing.get_context("fork").Process(target=suite.execute, args=(run,))
     suite_process.start()
@@ -457,6 +462,197 @@ def test_a_suite_killed_with_sigkill_leaves_no_child_holding_the_lock(tmp_path, 
     deadline = time.time() + 10
     while suite.locked_by(run) is not None and time.time() < deadline:
         time.sleep(0.05)
+    return run, suite_process.pid, pid
+
+
+def test_a_suite_killed_with_sigkill_leaves_no_child_holding_the_lock(tmp_path, monkeypatch):
+    run, _, pid = kill_the_suite_during_a_run(tmp_path, monkeypatch)
     assert suite.locked_by(run) is None  # the child ended with the suite: the lock is free
     status = Path(f"/proc/{pid}/status")
     assert not status.exists() or "State:\tZ" in status.read_text()  # gone, or a zombie nobody reaped yet
+
+
+def test_the_next_attempt_after_a_suite_killed_with_sigkill_ends_its_attempts_line_naming_the_dead_pid(
+        tmp_path, monkeypatch):
+    import re
+
+    run, dead, _ = kill_the_suite_during_a_run(tmp_path, monkeypatch)
+    log = run.dir / "attempts.log"
+    assert log.read_text().splitlines()[-1].endswith(f"pid {dead} on {socket.gethostname()}: started")
+    quick = tmp_path / "fails_at_once.py"  # the next invocation's run
+    quick.write_text("import sys\nsys.exit(3)\n")
+    monkeypatch.setattr(suite.execution, "FINETUNE", quick)
+    assert suite.execute(run).error == "tools/finetune.py exited with code 3 without writing metrics.json"
+    lines = log.read_text().splitlines()
+    me = f"pid {os.getpid()} on {socket.gethostname()}"
+    assert len(lines) == 4 and re.fullmatch(
+        rf"\S+ {me}: the attempt of pid {dead} on {socket.gethostname()} \(started \S+\) ended without an end "
+        r"line: its process is gone \(killed\?\)", lines[1]), lines
+    assert lines[2].endswith(f"{me}: started") and lines[3].endswith(f"{me}: exit code 3")
+    suite.execute(run)  # a finished attempt is not noted again
+    assert len(log.read_text().splitlines()) == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk, a read-only folder
+
+@contextlib.contextmanager
+def tmpfs(folder, size):
+    """A tmpfs of ``size`` mounted on ``folder`` where this process may mount one (root in a
+    sandbox); yields whether it is mounted (elsewhere tests inject the error at the write call)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+# Loaded by every Python process of a suite through PYTHONPATH where no tmpfs can be mounted: the
+# fsync of an atomic write of FILE in FOLDER fails as it does on a full disk.
+NO_SPACE_FOR = """import errno, os
+_fsync, _folder, _file = os.fsync, os.environ["NO_SPACE_IN"], os.environ["NO_SPACE_FOR"]
+def fsync(fd):
+    path = os.readlink(f"/proc/self/fd/{fd}")
+    if os.path.dirname(path) == _folder and os.path.basename(path).startswith(f".{_file}."):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return _fsync(fd)
+os.fsync = fsync
+"""
+
+
+def no_space_for(tmp_path, folder, name) -> dict:
+    """An environment in which an atomic write of ``folder``/``name`` hits ENOSPC."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(NO_SPACE_FOR)
+    path = os.pathsep.join(filter(None, [str(tmp_path / "inject"), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "NO_SPACE_IN": str(folder), "NO_SPACE_FOR": name}
+
+
+def test_a_checkpoint_that_does_not_fit_fails_its_run_with_the_disk_line_and_only_it_runs_again(tiny, tmp_path):
+    import re
+
+    output = tmp_path / "out"
+    full, other = (output / "r18" / "tiny" / "custom" / f"seed{seed}" for seed in (0, 1))
+    with tmpfs(full, "4m") as mounted:  # the logs and the record fit, the 110 MB checkpoint does not
+        env = None if mounted else no_space_for(tmp_path, full, "model_final.pth")
+        first = subprocess.run(suite_command(tiny, output, 2), capture_output=True, text=True, cwd=REPO, env=env)
+        assert first.returncode == 1, first.stderr
+        record = json.loads((full / "metrics.json").read_text())
+        line = rf"{re.escape(str(full / 'model_final.pth'))}: cannot write it: no space left \(\d+ MiB free\)"
+        assert record["status"] == "failed" and re.fullmatch(line, record["error"]), record["error"]
+        assert re.search(rf"seed0: FAILED: {line} \(see ", first.stderr), first.stderr
+        files = [path for path in full.rglob("*") if path.is_file()]
+        assert not [path for path in files if path.name.endswith(".tmp") or path.name.startswith("model_")
+                    or path.name in ("last_checkpoint", ".result.pt")], files  # nothing half-written
+        assert all(path.stat().st_size for path in files if path.name != ".lock"), files
+        assert json.loads((other / "metrics.json").read_text())["status"] == "ok"
+
+        if mounted:  # room again: the same file system, grown
+            subprocess.run(["mount", "-o", "remount,size=512m", str(full)], check=True)
+        second = subprocess.run(suite_command(tiny, output, 2), capture_output=True, text=True, cwd=REPO)
+        assert second.returncode == 0, second.stderr
+        assert "Plan: 2 runs (1 done, 1 failed)" in second.stderr
+        assert [started(output, seed) for seed in range(2)] == [2, 1]  # only the lost run ran again
+        assert json.loads((full / "metrics.json").read_text())["status"] == "ok"
+
+
+# A stand-in for tools/finetune.py: seed 1 fails without a record, after filling its run folder
+# when that is the test's small tmpfs (never another disk: at most 64 MiB); the others record a result.
+FILLS_ITS_DISK = """import json, os, sys
+output, seed = sys.argv[sys.argv.index("--output") + 1], int(sys.argv[sys.argv.index("--seed") + 1])
+if seed == 1:
+    try:
+        if os.path.ismount(output):
+            with open(os.path.join(output, "filler"), "wb") as f:
+                for _ in range(1024):
+                    f.write(bytes(1 << 16))
+                    f.flush()
+    except OSError:
+        pass
+    sys.exit(1)
+record = {"status": "ok", "task": "tiny", "schedule": "custom", "seed": seed, "metrics": {"APbb": 50.0 + seed}}
+open(os.path.join(output, "metrics.json"), "w").write(json.dumps(record))
+"""
+
+
+def test_where_not_even_a_failure_can_be_recorded_the_suite_stops_keeping_every_result(
+        tiny, tmp_path, monkeypatch, capsys):
+    import signal
+
+    import pandas as pd
+
+    task, pkl = tiny
+    child = tmp_path / "finetune.py"
+    child.write_text(FILLS_ITS_DISK)
+    monkeypatch.setattr(suite.execution, "FINETUNE", child)
+    output = tmp_path / "out"
+    full = output / "r18" / "tiny" / "custom" / "seed1"
+    command = ["--tasks", str(task), "--weights", f"r18={pkl}", "--trials", "3", "--schedule", "custom",
+               "--output", str(output), *TINY_OPTS]
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with tmpfs(full, "1m") as mounted:
+            if not mounted:  # no tmpfs: the record of the failure is what does not fit
+                real = fileio.os.fsync
+
+                def fsync(fd):
+                    if Path(os.readlink(f"/proc/self/fd/{fd}")).parent == full:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    return real(fd)
+
+                monkeypatch.setattr(fileio.os, "fsync", fsync)
+            with pytest.raises(SystemExit) as exit:
+                load_run_suite().main(command, root=tmp_path)
+            error = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
+            assert exit.value.code == 2 and len(error) == 1, error
+            assert error[0].startswith(f"error: {full / 'metrics.json'}: cannot write it: no space left (")
+            assert error[0].endswith("stopped: finished runs are kept; run the same command again once it can be "
+                                     "written")
+            assert json.loads((output / "r18/tiny/custom/seed0/metrics.json").read_text())["metrics"] == {"APbb": 50.0}
+            assert not (output / "r18/tiny/custom/seed2").exists()  # the suite stopped
+            summary = pd.read_csv(output / "summary.csv")  # the reports of what was recorded
+            assert summary[["metric", "mean", "n"]].values.tolist() == [["APbb", 50.0, 1]]
+
+            # Room again: the next invocation runs what was lost, and nothing else.
+            if mounted:
+                (full / "filler").unlink()
+            monkeypatch.undo()
+            monkeypatch.setattr(suite.execution, "FINETUNE", child)
+            child.write_text(FILLS_ITS_DISK.replace("seed == 1", "False"))
+            load_run_suite().main(command, root=tmp_path)
+            assert [started(output, seed) for seed in range(3)] == [1, 2, 1]
+            assert pd.read_csv(output / "summary.csv")["n"].tolist() == [3]
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+
+
+def test_a_read_only_output_folder_is_one_line_naming_the_run_lock(tiny, tmp_path, capsys):
+    import re
+    import signal
+
+    task, pkl = tiny
+    output = tmp_path / "out"
+    handler = signal.getsignal(signal.SIGTERM)
+    with tmpfs(output, "1m") as mounted:
+        (output / "suite.json").write_text(json.dumps({"opts": TINY_OPTS}))  # an earlier invocation's
+        if mounted:
+            subprocess.run(["mount", "-o", "remount,ro", str(output)], check=True)
+        elif os.geteuid() != 0:
+            os.chmod(output, 0o555)
+        else:
+            pytest.skip("no read-only folder here: root, and no tmpfs can be mounted")
+        try:
+            with pytest.raises(SystemExit) as exit:
+                load_run_suite().main(["--tasks", str(task), "--weights", f"r18={pkl}", "--schedule", "custom",
+                                       "--output", str(output), *TINY_OPTS], root=tmp_path)
+        finally:
+            signal.signal(signal.SIGTERM, handler)
+            os.chmod(output, 0o755) if not mounted else None
+    error = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
+    lock = output / "r18" / "tiny" / "custom" / "seed0" / ".lock"
+    assert exit.value.code == 2 and len(error) == 1, error
+    assert re.match(rf"error: {re.escape(str(lock))}: cannot write it: (read-only file system|permission denied) "
+                    r"\(\d+ MiB free\); stopped", error[0]), error

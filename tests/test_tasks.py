@@ -6,14 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from transfer import d2compat  # noqa: F401
-
 from transfer import finetune as ft
 from transfer.d2 import evaluation
 from transfer.d2.config import get_cfg, load_yaml
 from transfer.errors import UserError
-from transfer.tasks import QUICK_FRACTION, REPO, TASKS, get_task
-
+from transfer.tasks import QUICK_FRACTION, REPO, TASKS, get_task, installed
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +41,8 @@ def test_registry_has_the_papers_tasks():
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_every_task_is_consistent(name, moco_weights):
     task = TASKS[name]
+    if not installed(task):
+        pytest.skip(f"{name} needs the DensePose project, not installed here (tests/test_densepose.py: its error line)")
     if task.config.startswith("configs/detection/"):  # each detection YAML reads alone, datasets too
         raw = ft.task_config(task)
         assert tuple(raw.DATASETS.TRAIN) == task.train and tuple(raw.DATASETS.TEST) == task.test
@@ -170,7 +169,8 @@ def test_quick_schedule_is_a_fraction_of_full(moco_weights):
 
 def test_gpu_scaling_follows_kaiming_hes_rule(moco_weights):
     kept = get_cfg()
-    kept.SOLVER.IMS_PER_BATCH, kept.SOLVER.BASE_LR, kept.SOLVER.STEPS, kept.SOLVER.MAX_ITER = 16, 0.02, (18000, 22000), 24000
+    kept.SOLVER.IMS_PER_BATCH, kept.SOLVER.BASE_LR = 16, 0.02
+    kept.SOLVER.STEPS, kept.SOLVER.MAX_ITER = (18000, 22000), 24000
     kept.SOLVER.WARMUP_ITERS, kept.MODEL.RESNETS.NORM = 100, "naiveSyncBN"
     scaled, small = kept.clone(), kept.clone()
     assert ft.scale_for_gpus(kept, 4, None) == 1  # memory allows: batch 16 over 4 GPUs, unchanged

@@ -2,7 +2,7 @@
 """Fine-tuning speed per task, precision and heads: s/iter, data s/iter, images/s, peak GPU memory,
 operators and GPU read-backs per step.
 
-    # one GPU, the issue's protocol: batch 16, random init, BN, full-size inputs on synthetic
+    # one GPU: batch 16, random init, BN, full-size inputs on synthetic
     # COCO-format data with COCO's image size and instance count (written once under /tmp/coco_synth);
     # detectron2's RPN / ROI heads against our sync-free ones
     python tools/bench_finetune.py --tasks coco_fpn_1x,coco_c4_1x --schedule full --batch 16 \\
@@ -41,17 +41,18 @@ def main(argv=None):
     import torch
 
     from transfer import finetune_bench
+    from transfer.d2.sync_free import HEADS
     from transfer.datasets import demo
 
     precisions = args.precision.split(",")
     if "amp" in precisions and not torch.cuda.is_available():
         raise UserError("--precision amp: mixed precision needs a GPU (use --precision fp32)")
-    unknown = sorted(set(args.heads.split(",")) - set(finetune_bench.HEADS))
+    unknown = sorted(set(args.heads.split(",")) - set(HEADS))
     if unknown:
-        raise UserError(f"--heads {args.heads}: {', '.join(unknown)} is not one of {', '.join(finetune_bench.HEADS)}")
+        raise UserError(f"--heads {args.heads}: {', '.join(unknown)} is not one of {', '.join(HEADS)}")
     if args.synthetic and args.datasets:
         raise UserError("--synthetic and --datasets: give one of them")
-    root = finetune_bench.synthetic_coco(args.synthetic) if args.synthetic else args.datasets or demo.ensure()
+    root = demo.synthetic_coco(args.synthetic) if args.synthetic else args.datasets or demo.ensure()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         weights = args.weights or finetune_bench.random_init_weights(tmp)

@@ -27,10 +27,11 @@ def main(argv=None):
     import torch
 
     from transfer import finetune_bench
+    from transfer.datasets import demo
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no GPU here (use --device cpu)")
-    root = finetune_bench.synthetic_coco(args.synthetic)
+    root = demo.synthetic_coco(args.synthetic)
     rows = finetune_bench.time_mask_targets(root, args.device, args.images, args.rois, repeats=args.repeats)
     print("| rasterizer | device | ROIs | ms/batch | read-backs/batch |\n|---|---|---|---|---|")
     for r in rows:

@@ -7,6 +7,9 @@
   4. convert both into detectron2 weights + config overlays       tools/convert_to_d2.py
   5. fine-tune both on the tasks' demo schedules, then report     tools/run_suite.py
      (cityscapes_sem with 3 trials, so the report shows intervals and tests)
+  6. the transfer regimes on voc07 and coco_fpn_1x: 10% of the     tools/run_suite.py --fractions 0.1
+     labels, fine-tuned and with the backbone frozen (the report's    --backbone finetune,frozen
+     label-efficiency section and label_efficiency.png)
 
 Each step is a command a user could type; it is printed before it runs. Running the demo again
 resumes: steps whose results exist are skipped, and the suite skips finished runs. The numbers
@@ -27,9 +30,9 @@ import sys
 import time
 from pathlib import Path
 
+from transfer import REPO
 from transfer.errors import UserError, cli
 
-REPO = Path(__file__).resolve().parent.parent
 # Sizes for a CPU: configs/pretrain/demo.yaml for MoCo v2, and a supervised run of the same
 # length, image size and batch on the same images.
 ARCH = "resnet50"
@@ -40,6 +43,10 @@ DEMO_TASKS = "all"
 # One task gets enough trials for the report's confidence intervals and t-tests (3 is the fewest
 # the report tests); the others run --trials times.
 STATS_TASK, STATS_TRIALS = "cityscapes_sem", 3
+# The regimes (transfer/regimes.py) on one C4 and one FPN task, at one extra fraction: 10% of the
+# labels trains a tenth of the demo schedule (8 / 6 iterations), fine-tuned and frozen: 8 short
+# runs; 100% fine-tuned is step 5's run.
+REGIMES_TASKS, REGIMES = "voc07,coco_fpn_1x", ["--fractions", "0.1", "--backbone", "finetune,frozen"]
 
 
 def cores() -> int:
@@ -148,12 +155,17 @@ def main(argv=None):
     if args.trials < STATS_TRIALS:  # the same output folder: the reports cover both steps' runs
         step(f"{STATS_TASK}: {STATS_TRIALS} trials", [*run_suite, "--tasks", STATS_TASK, "--trials", STATS_TRIALS],
              timings, **parallel)
+    regime_tasks = [t for t in REGIMES_TASKS.split(",") if args.tasks == DEMO_TASKS or t in args.tasks.split(",")]
+    if regime_tasks:
+        step("10% labels, frozen backbone", [*run_suite, "--tasks", ",".join(regime_tasks), "--trials", args.trials,
+                                             *REGIMES], timings, **parallel)
 
     print("\n==> time per step")
     for title, seconds in timings.items():
         print(f"    {title:<28} {seconds / 60:6.1f} min")
     print(f"    {'total':<28} {(time.time() - started) / 60:6.1f} min")
-    print(f"\nReports: {suite_dir}/summary.md, summary.csv, runs.csv, per_class.csv, deltas.png")
+    print(f"\nReports: {suite_dir}/summary.md, summary.csv, runs.csv, per_class.csv, deltas.png"
+          + (", label_efficiency.png" if regime_tasks else ""))
 
 
 def _finished_pretraining(checkpoint: Path) -> bool:

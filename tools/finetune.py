@@ -11,6 +11,7 @@ Exit codes: 0 done, 1 the run failed (metrics.json says why), 2 bad input.
 import argparse
 import sys
 
+from transfer import regimes
 from transfer.errors import cli
 
 
@@ -24,6 +25,11 @@ def main(argv=None):
     p.add_argument("--weights", help="detectron2 weights .pkl (its overlay .yaml beside it)")
     p.add_argument("--schedule", help="full | quick | demo (default: full, or a custom dataset's own)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fraction", type=float, default=1.0,
+                   help="train on this fraction of the training images (a deterministic labelled subset, "
+                        "schedule scaled with it; default: all)")
+    p.add_argument("--backbone", default=regimes.FINETUNE, choices=regimes.BACKBONES,
+                   help="frozen: FREEZE_AT 5 and FrozenBN, only FPN and heads train (default: finetune)")
     p.add_argument("--output", help="run folder (metrics.json, logs, checkpoints)")
     p.add_argument("--datasets", help="datasets root (default: $DETECTRON2_DATASETS or ./datasets)")
     p.add_argument("--num-gpus", type=int, default=1, help="processes per machine (GPUs; CPU processes without GPUs)")
@@ -54,7 +60,8 @@ def main(argv=None):
         record = finetune(args.task, args.weights, args.schedule, args.seed, args.output, args.datasets,
                           args.num_gpus, args.opts, max_ims_per_gpu=args.max_ims_per_gpu, amp=args.amp,
                           resume=not args.no_resume, keep_checkpoints=args.keep_checkpoints,
-                          allow_small_batch=args.allow_small_batch)
+                          allow_small_batch=args.allow_small_batch, fraction=args.fraction,
+                          backbone=args.backbone)
     except RunFailed as e:
         print(f"error: run failed: {e} (record: {args.output}/metrics.json)", file=sys.stderr)
         sys.exit(1)

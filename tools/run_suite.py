@@ -13,20 +13,30 @@ the demo's, its supervised weights as --baseline; --output defaults to results/<
 Without --schedule each task runs its own: full, or the one a custom dataset YAML names; a
 --schedule other than a YAML's overrides it, and the plan says so.
 
-Every (weights, task, trial) is one run with its own folder under --output; running the same
+--fractions 0.01,0.1,1 trains each task on those fractions of its training images (a labelled
+subset that depends on the dataset, the fraction and a subset seed only, the same for every
+weights file and trial; the schedule shrinks with it, to at least a tenth); --backbone
+finetune,frozen adds the frozen-backbone variant (FREEZE_AT 5, FrozenBN: only FPN and heads
+train). summary.md then has a label-efficiency section and label_efficiency.png (README,
+"Transfer regimes").
+
+Every (weights, task, regime, trial) is one run with its own folder under --output; running the same
 command again skips finished runs and re-runs failed or interrupted ones; a run whose resolved
 config equals another's (the 1x and 2x tasks' demo schedules) reuses that run's result. The
 reports (runs.csv, summary.csv, summary.md, per_class.csv, deltas.png) are rewritten at the end;
 tools/make_report.py rewrites them at any time. With --schedule demo and no --datasets, the
-built-in demo datasets are used.
+built-in demo datasets are used. A full disk fails the run in progress with a line naming the
+path and the free space; where not even that can be recorded, the suite stops after writing the
+reports it can, and the same command resumes once there is room.
 """
 import argparse
 import signal
 import sys
 from pathlib import Path
 
-from transfer import report, suite
+from transfer import REPO, regimes, report, suite
 from transfer.errors import UserError, cli
+from transfer.fileio import DiskError
 from transfer.tasks import ALL, FAMILIES
 
 
@@ -44,6 +54,12 @@ def parse_args(argv=None):
                         f"labelled '{suite.BASELINE}' and compared against")
     p.add_argument("--trials", type=int, default=1, help="runs per weights and task, seeds 0..N-1 "
                                                          "(the paper averages 5)")
+    p.add_argument("--fractions", default="1", type=regimes.parse_fractions, metavar="F[,F...]",
+                   help="fractions of each task's training images to fine-tune on, e.g. 0.01,0.1,1 "
+                        "(default: 1, all of them)")
+    p.add_argument("--backbone", default="finetune", type=regimes.parse_backbones, metavar="MODE[,MODE...]",
+                   help="finetune (the paper's: the whole backbone trains) and / or frozen (FREEZE_AT 5, "
+                        "FrozenBN; only FPN and heads train) (default: finetune)")
     p.add_argument("--schedule",
                    help="full (the paper's), quick (1/8 of it) or demo (built-in demo data, CPU); "
                         "a custom dataset YAML with its own schedule adds 'custom' (default: each "
@@ -118,8 +134,18 @@ def default_output(args, root, schedule: str) -> None:
     print(f"output: {args.output} (no --output)", file=sys.stderr)
 
 
+def reports_that_fit(output) -> None:
+    """The reports of the runs recorded so far, or one line saying why they could not be written."""
+    if report.load_runs(output).empty:
+        return
+    try:
+        print(f"reports: {report.write_reports(output, baseline=suite.BASELINE)}", file=sys.stderr)
+    except DiskError as e:
+        print(f"reports not written: {e}", file=sys.stderr)
+
+
 @cli
-def main(argv=None, root=suite.REPO):
+def main(argv=None, root=REPO):
     """``root``: where default weights are looked for and the default --output goes."""
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _stop)
@@ -143,7 +169,7 @@ def main(argv=None, root=suite.REPO):
         weights.insert(0, suite.prepare_weights(str(args.baseline), args.output, label=suite.BASELINE))
     launcher = make_launcher(args, datasets)
     suite.check_datasets(tasks, datasets)
-    runs = suite.plan(weights, tasks, schedules, args.trials, args.output)
+    runs = suite.plan(weights, tasks, schedules, args.trials, args.output, args.fractions, args.backbone)
     suite.check_settings(args.output, args.opts)
     repeats = suite.repeated_runs(runs, args.num_gpus, datasets, args.opts)
     try:
@@ -152,6 +178,11 @@ def main(argv=None, root=suite.REPO):
         print("\nstopped: finished runs are kept; run the same command again to resume",
               file=sys.stderr)
         sys.exit(130)
+    except DiskError as e:  # not even a run's failure could be recorded: stop, keeping every result
+        print(f"error: {e}; stopped: finished runs are kept; run the same command again once it can be "
+              "written", file=sys.stderr)
+        reports_that_fit(args.output)
+        sys.exit(2)
 
     written = report.write_reports(args.output, baseline=suite.BASELINE)
     print(written.summary_md.read_text())

@@ -219,7 +219,6 @@ def backbone_from_overlay(overlay: dict):
 
     SyncBN-type norms are built as BN (same parameters and buffers), so no process group is needed.
     """
-    from transfer import d2compat  # noqa: F401  (before any detectron2 import)
     from detectron2.config import get_cfg
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.backbone.resnet import build_resnet_backbone
@@ -288,6 +287,11 @@ def convert(ckpt_path, output=None, norm: str | None = None, allow_non_finite: b
                           sorted(content["model"]), [], overlay, author=str(content["__author__"]))
 
     weights, sources, dropped = layouts.resnet_state_dict(path, content, layout)
+    stem = weights.get("stem.conv1.weight")
+    if stem is not None and tuple(stem.shape[-2:]) != (7, 7):  # tools/pretrain_moco.py --small-stem
+        raise UserError(f"{path}: pre-trained with a {stem.shape[-2]}x{stem.shape[-1]} stem convolution (the "
+                        "small-image stem, --small-stem); detectron2's ResNet has a 7x7 stem, "
+                        "so it cannot be converted")
     if not allow_non_finite:
         check_finite(weights, str(path))
     norm = _choose_norm(path, weights, norm)
@@ -368,7 +372,6 @@ def _infer_overlay(path: Path, sidecar: Path) -> dict:
                         f"{', '.join(AUTHOR_STYLES)})")
     weights = data["model"]
     if author == "Caffe2":
-        from transfer import d2compat  # noqa: F401  (before any detectron2 import)
         from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names
 
         weights, _ = convert_c2_detectron_names(dict(weights))  # detectron2's own renaming

@@ -19,8 +19,13 @@ def log_once(logger: logging.Logger, level: int, message: str) -> None:
         logger.log(level, message)
 
 
+# What `make setup` installs that a tool may find missing (detectron2 comes from an sdist, not a wheel).
+SETUP_INSTALLS = {"detectron2", "lvis", "cityscapesscripts", "pycocotools"}
+
+
 def cli(main):
-    """Decorate a tool's ``main``: a UserError becomes ``error: <message>`` on stderr and exit code 2."""
+    """Decorate a tool's ``main``: a UserError, or a missing package that `make setup` installs, becomes
+    ``error: <message>`` on stderr and exit code 2."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -28,6 +33,13 @@ def cli(main):
             return main(*args, **kwargs)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except ModuleNotFoundError as e:
+            package = (e.name or "").split(".")[0]
+            if package not in SETUP_INSTALLS:
+                raise
+            print(f"error: {package} is not installed: run `make setup` (README, 'Installing detectron2')",
+                  file=sys.stderr)
             sys.exit(2)
 
     return wrapper

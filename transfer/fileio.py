@@ -12,7 +12,6 @@ import yaml
 
 from transfer.errors import UserError
 
-
 # Why a write can fail for want of room or permission: reported as one line naming the path.
 DISK_ERRORS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
                errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
@@ -31,10 +30,28 @@ def free_space(folder) -> str:
 
 
 def disk_error(path, error: OSError) -> DiskError | None:
-    """The one-line DiskError for an OSError that is about room or permission, else None."""
+    """The one-line DiskError for an OSError that is about room or permission, else None; ``path``
+    is the file that could not be written, or the folder when the file is not known."""
     if error.errno not in DISK_ERRORS:
         return None
-    return DiskError(f"{path}: cannot write it: {DISK_ERRORS[error.errno]} ({free_space(Path(path).parent)})")
+    path = Path(path)
+    what, folder = ("in it", path) if path.is_dir() else ("it", path.parent)
+    return DiskError(f"{path}: cannot write {what}: {DISK_ERRORS[error.errno]} ({free_space(folder)})")
+
+
+def temporaries(folder) -> list[Path]:
+    """The temporary files of atomic writes (``.<name>.<random>.tmp``) under ``folder``: only a
+    process killed mid-write leaves one behind."""
+    return [p for p in Path(folder).rglob(".*.tmp") if p.is_file()]
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions ``open(path, "w")`` would leave: the old file's, else 0666 less the umask."""
+    if path.exists():
+        return path.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -48,6 +65,7 @@ def atomic_write_bytes(path, data: bytes) -> None:
         if shutil.disk_usage(path.parent).free < len(data):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, _mode_for(path))  # mkstemp makes 0600; a result is as readable as a plain open()'s file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

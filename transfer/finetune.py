@@ -6,7 +6,9 @@ The config is resolved in layers, each overriding the one before:
 2. what the weights decide (``transfer.convert.weights_settings`` of their overlay: pixel mean/std,
    INPUT.FORMAT, STRIDE_IN_1X1, depth and widths, GN): the task keeps its protocol (BN kind,
    FREEZE_AT, heads), so every weights file of a suite fine-tunes the same way;
-3. the schedule (``full`` / ``quick`` / ``demo``, see transfer/tasks);
+3. the schedule (``full`` / ``quick`` / ``demo``, see transfer/tasks), then the transfer regime
+   (transfer/regimes.py): a label fraction trains on a labelled subset with the schedule shrunk
+   with it, a frozen backbone sets FREEZE_AT 5 and FrozenBN;
 4. the GPU count, by Kaiming He's rule for the MoCo configs: keep IMS_PER_BATCH 16 when memory
    allows (SyncBN makes it equivalent); otherwise halve the batch and the LR and double the
    iterations, LR steps and warm-up (``max_ims_per_gpu`` says how many images one GPU holds),
@@ -16,21 +18,25 @@ The config is resolved in layers, each overriding the one before:
    warning) and CPU processes use naiveSyncBN (torch's SyncBN runs on GPUs only).
 
 The datasets are checked before anything trains; every run writes ``<output>/metrics.json``
-(atomically), also when it fails. A failed run raises ``RunFailed`` (or ``UserError`` for bad
-input) after writing its record.
+(atomically, through ``transfer.runs``), also when it fails. A failed run raises ``RunFailed`` (or
+``UserError`` for bad input) after writing its record. A full disk or a read-only folder anywhere
+in a run is its one-line reason (``fileio.DiskError``: the path and the free space), and what a
+cut-short write may have left is removed; checkpoints are written whole or not at all
+(transfer/d2/checkpoint.py), so the next attempt resumes from the last complete one.
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import importlib.metadata
 import logging
 import os
 import platform
+import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
-
-from transfer import d2compat  # noqa: F401  (before any detectron2 import)
 
 import torch
 from detectron2.config import CfgNode
@@ -38,13 +44,13 @@ from detectron2.data import MetadataCatalog
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from transfer import fileio
+from transfer import REPO, d2compat, fileio, regimes, runs
 from transfer.convert import load_overlay, weights_settings
 from transfer.d2 import evaluation
 from transfer.d2.config import get_cfg, merge_config_file
 from transfer.d2.launch import launch
 from transfer.errors import UserError, log_once
-from transfer.tasks import MIN_BN_GROUP, REPO, Task, get_task
+from transfer.tasks import MIN_BN_GROUP, Task, get_task, is_custom_task, require, task_that_runs
 from transfer.tasks.custom import image_size_settings
 
 logger = logging.getLogger("transfer.finetune")
@@ -134,8 +140,8 @@ def scale_for_gpus(cfg: CfgNode, num_gpus: int, max_ims_per_gpu: int | None,
     factor = 1
     while max_ims_per_gpu and batch // num_gpus > max_ims_per_gpu:
         if batch % 2 or (batch // 2) % num_gpus:
-            raise UserError(f"--max-ims-per-gpu {max_ims_per_gpu}: cannot split IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} "
-                            f"over {num_gpus} GPUs by halving it")
+            raise UserError(f"--max-ims-per-gpu {max_ims_per_gpu}: cannot split IMS_PER_BATCH "
+                            f"{cfg.SOLVER.IMS_PER_BATCH} over {num_gpus} GPUs by halving it")
         batch, factor = batch // 2, factor * 2
     if factor == 1:
         return 1
@@ -197,7 +203,7 @@ def _fit_device(cfg: CfgNode, task: Task, schedule: str, num_gpus: int) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     cfg.DATALOADER.NUM_WORKERS = min(cfg.DATALOADER.NUM_WORKERS, cores // num_gpus)
     plan = task.schedules[schedule]
-    if torch.cuda.is_available() or not task.name.endswith((".yaml", ".yml")) or plan.overlay:
+    if torch.cuda.is_available() or not is_custom_task(task.name) or plan.overlay:
         return  # an overlay (demo) sets sizes of its own
     changed, batch = [], cfg.SOLVER.IMS_PER_BATCH
     if "SOLVER.IMS_PER_BATCH" not in plan.settings and batch > CPU_IMS_PER_PROCESS * num_gpus:
@@ -228,10 +234,11 @@ def _merge_opts(cfg: CfgNode, opts) -> None:
 def check_opts(opts) -> None:
     """Config overrides checked once, before any run starts: a key no task's config has, or a
     value of another type than the key's (yacs names both), is one line."""
-    from transfer.tasks import TASKS
+    from transfer.tasks import TASKS, installed
 
-    cfg = get_cfg()
-    for extend in dict.fromkeys(task.extend_config for task in TASKS.values() if task.extend_config):
+    cfg = get_cfg()  # the keys of every task that can run here (DensePose's only with its project)
+    extends = [task.extend_config for task in TASKS.values() if task.extend_config and installed(task)]
+    for extend in dict.fromkeys(extends):
         _call(extend, cfg)
     _merge_opts(cfg, opts)
 
@@ -247,7 +254,8 @@ def task_config(task: Task) -> CfgNode:
 
 def resolve_config(task: Task, weights, schedule: str, seed: int = 0, output_dir=".", num_gpus: int = 1,
                    opts=(), max_ims_per_gpu: int | None = None, amp: bool = False,
-                   allow_small_batch: bool = False) -> CfgNode:
+                   allow_small_batch: bool = False, fraction: float = regimes.FULL,
+                   backbone: str = regimes.FINETUNE) -> CfgNode:
     """The detectron2 config one run trains with (see the module docstring for the layers)."""
     cfg = task_config(task)
     cfg.merge_from_list(_dotted(dict(task.overrides)))
@@ -261,6 +269,8 @@ def resolve_config(task: Task, weights, schedule: str, seed: int = 0, output_dir
     cfg.merge_from_list(_dotted(owned))
 
     apply_schedule(cfg, task, schedule)
+    regimes.apply_label_fraction(cfg, fraction)  # the labelled subset, and the schedule shrunk with it
+    regimes.apply_backbone(cfg, backbone)
     _fit_device(cfg, task, schedule, num_gpus)
     scale_for_gpus(cfg, num_gpus, max_ims_per_gpu, allow_small_batch)
     _merge_opts(cfg, opts)
@@ -279,17 +289,18 @@ def resolve_config(task: Task, weights, schedule: str, seed: int = 0, output_dir
     return cfg
 
 
-def experiment_key(task, weights, schedule: str, datasets_root=None, num_gpus: int = 1, opts=()) -> str:
+def experiment_key(task, weights, schedule: str, datasets_root=None, num_gpus: int = 1, opts=(),
+                   fraction: float = regimes.FULL, backbone: str = regimes.FINETUNE) -> str:
     """The resolved config of a run, less its seed, output folder and task name, as one string.
 
     Two tasks with the same key train and evaluate the same model on the same data, so each seed
     needs running once (in the demo schedule the 1x and 2x tasks train the same short schedule).
     """
     task = _resolve_task(task if isinstance(task, Task) else get_task(task), datasets_root)
-    cfg = resolve_config(task, weights, schedule, 0, ".", num_gpus, opts).clone()
+    cfg = resolve_config(task, weights, schedule, 0, ".", num_gpus, opts, fraction=fraction, backbone=backbone).clone()
     cfg.defrost()
     cfg.OUTPUT_DIR = ""
-    if not task.name.endswith((".yaml", ".yml")):  # a custom task's name is the file its data comes from
+    if not is_custom_task(task.name):  # a custom task's name is the file its data comes from
         cfg.TRANSFER.TASK = ""
     return cfg.dump()
 
@@ -322,16 +333,29 @@ def check_datasets(task: Task, cfg: CfgNode, datasets_root=None) -> None:
 
 
 def _resolve_task(task: Task, datasets_root) -> Task:
-    """The task that runs (``transfer.tasks.resolve_fallback``), saying so when it is the fallback.
+    """The task that runs (``transfer.tasks.task_that_runs``), saying so when it is the fallback.
 
     The suite resolves fallbacks when it plans; this is for a run started alone.
     """
-    from transfer.tasks import fallback_note, resolve_fallback
-
-    ran = resolve_fallback(task, datasets_root)
-    if ran is not task:
-        logger.warning(fallback_note(task, ran, datasets_root))
+    ran, note = task_that_runs(task, datasets_root)
+    if note:
+        logger.warning(note)
     return ran
+
+
+def register_datasets(task_name: str, datasets_root, train=()) -> None:
+    """Make a run's datasets readable in this process: detectron2's builtin names under the root,
+    a custom task's datasets from its YAML, and the labelled subsets among the ``train`` names
+    (transfer/regimes.py). Called where a process is about to read them: the
+    run's checks, and each process the training spawns (a run on one process trains in the process
+    that checked its datasets, and does not register them again)."""
+    from transfer.datasets import catalog
+    from transfer.datasets.custom import register_custom
+
+    catalog.register_all(datasets_root)
+    if is_custom_task(task_name):
+        register_custom(task_name)
+    regimes.register_subsets(train)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,8 +388,12 @@ def git_commit() -> str | None:
 def provenance(cfg: CfgNode, task: Task, num_gpus: int) -> dict:
     """What a run really trained with, after every scaling rule: the columns a reviewer asks for."""
     group = bn_group_images(cfg, num_gpus)
+    labels = cfg.TRANSFER.LABELS
     return {
-        "protocol": task.protocol, "norm": cfg.MODEL.RESNETS.NORM, "freeze_at": cfg.MODEL.BACKBONE.FREEZE_AT,
+        "protocol": regimes.protocol(task.protocol, cfg.TRANSFER.BACKBONE, labels.FRACTION, labels.SUBSET_SEED),
+        "fraction": labels.FRACTION, "backbone": cfg.TRANSFER.BACKBONE, "subset_seed": labels.SUBSET_SEED,
+        "schedule_factor": labels.SCHEDULE,
+        "norm": cfg.MODEL.RESNETS.NORM, "freeze_at": cfg.MODEL.BACKBONE.FREEZE_AT,
         "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH, "base_lr": cfg.SOLVER.BASE_LR,
         "max_iter": cfg.SOLVER.MAX_ITER, "steps": list(cfg.SOLVER.STEPS), "warmup_iters": cfg.SOLVER.WARMUP_ITERS,
         "precise_bn_iters": cfg.TEST.PRECISE_BN.NUM_ITER if cfg.TEST.PRECISE_BN.ENABLED else 0,
@@ -375,16 +403,15 @@ def provenance(cfg: CfgNode, task: Task, num_gpus: int) -> dict:
     }
 
 
-def _train_and_evaluate(cfg: CfgNode, datasets_root, resume: bool) -> dict:
+def _train_and_evaluate(cfg: CfgNode, datasets_root, resume: bool, launcher_pid: int) -> dict:
     """One process's part of the run (all processes run it); returns what the main process saw."""
     from detectron2.utils.env import seed_all_rng
 
     from transfer.d2.trainer import Trainer
-    from transfer.datasets import catalog
 
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="detectron2")
-    catalog.register_all(datasets_root)  # spawned processes start with detectron2's defaults
-    _register_custom_datasets(cfg)
+    if os.getpid() != launcher_pid:  # a spawned process starts with detectron2's defaults
+        register_datasets(cfg.TRANSFER.TASK, datasets_root, cfg.DATASETS.TRAIN)
     seed_all_rng(cfg.SEED + comm.get_rank())
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -406,27 +433,25 @@ def _train_and_evaluate(cfg: CfgNode, datasets_root, resume: bool) -> dict:
     }
 
 
-def _register_custom_datasets(cfg: CfgNode) -> None:
-    # A custom task's datasets live in the user's YAML; spawned processes register them again.
-    if cfg.TRANSFER.TASK.endswith((".yaml", ".yml")):
-        get_task(cfg.TRANSFER.TASK)
-
-
 def _median(values):
     values = sorted(values)
     return values[len(values) // 2] if values else None
 
 
-def _worker(cfg: CfgNode, datasets_root, resume: bool, result_path: str):
-    result = _train_and_evaluate(cfg, datasets_root, resume)
+def _worker(cfg: CfgNode, datasets_root, resume: bool, result_path: str, launcher_pid: int):
+    result = _train_and_evaluate(cfg, datasets_root, resume, launcher_pid)
     if comm.is_main_process():
-        torch.save(result, result_path)
+        fileio.atomic_torch_save(result, result_path)
 
 
 def finetune(task, weights, schedule: str | None, seed: int, output_dir, datasets_root=None, num_gpus: int = 1,
              opts=(), *, max_ims_per_gpu: int | None = None, amp: bool = False, resume: bool = True,
-             keep_checkpoints: bool = False, allow_small_batch: bool = False) -> dict:
+             keep_checkpoints: bool = False, allow_small_batch: bool = False, fraction: float = regimes.FULL,
+             backbone: str = regimes.FINETUNE) -> dict:
     """Run one fine-tuning run; write and return its metrics.json record.
+
+    ``fraction`` and ``backbone``: the transfer regime (transfer/regimes.py): a labelled subset of
+    the training images (its ids written to the run folder) and a frozen backbone.
 
     ``task``: a Task, a task name or a custom dataset YAML; ``schedule`` None: the task's default
     (``full``, or what a custom dataset's YAML names). ``weights``: detectron2 weights (.pkl)
@@ -434,12 +459,16 @@ def finetune(task, weights, schedule: str | None, seed: int, output_dir, dataset
     Checkpoints are deleted after a successful run unless ``keep_checkpoints``.
     """
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    setup_logger(str(output_dir), name="transfer")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        setup_logger(str(output_dir), name="transfer")
+    except OSError as e:  # a read-only or full disk: one line
+        raise (fileio.disk_error(output_dir, e) or e) from None
     weights = Path(weights)
     task_name = task.name if isinstance(task, Task) else str(task)
     record = {
-        "status": "failed", "error": None, "task": task_name, "schedule": schedule, "seed": seed,
+        "status": "failed", "error": None, "task": task_name, "schedule": schedule, "fraction": fraction,
+        "backbone": backbone, "seed": seed,
         "weights": str(weights.resolve()), "weights_sha256": None, "metrics": {}, "all_metrics": {},
         "s_per_iter": None, "wall_time_s": None, "peak_memory_mb": None,
         "precision": "amp" if amp else "fp32", "iterations": None, "num_gpus": num_gpus,
@@ -454,12 +483,11 @@ def finetune(task, weights, schedule: str | None, seed: int, output_dir, dataset
         record["weights_sha256"] = fileio.sha256_of(weights)
         task = task if isinstance(task, Task) else get_task(task)
         schedule = record["schedule"] = schedule or task.default_schedule
-        from transfer.datasets import catalog
-
-        catalog.register_all(datasets_root)
         task = _resolve_task(task, datasets_root)
+        require(task)  # an optional dependency (DensePose): one line saying how to install it
+        register_datasets(task.name, datasets_root)  # read here by the checks (and, on one process, the training)
         cfg = resolve_config(task, weights, schedule, seed, output_dir, num_gpus, opts, max_ims_per_gpu, amp,
-                             allow_small_batch)
+                             allow_small_batch, fraction, backbone)
         record.update(config=cfg.dump(), precision="amp" if cfg.SOLVER.AMP.ENABLED else "fp32",
                       dataset_split={"train": list(task.train), "test": list(task.test)},
                       provenance=provenance(cfg, task, num_gpus))
@@ -468,19 +496,30 @@ def finetune(task, weights, schedule: str | None, seed: int, output_dir, dataset
         if task.notes:
             record["notes"] = list(task.notes)
         check_datasets(task, cfg, datasets_root)
+        regimes.register_subsets(cfg.DATASETS.TRAIN)
+        subsets = regimes.write_subsets(cfg.DATASETS.TRAIN, output_dir)  # the kept ids, in the run folder
+        if subsets:
+            record["label_subset"] = subsets
+        for name, subset in subsets.items():
+            if subset["classes_without_images"]:
+                logger.warning("%s (%d of %d images) has no training image of %s (label_subset in metrics.json)", name,
+                               subset["kept"], subset["images"], ", ".join(subset["classes_without_images"]))
     except UserError as e:
         record.update(error=str(e), wall_time_s=time.time() - start)
-        fileio.atomic_write_json(output_dir / "metrics.json", record)
+        runs.write_record(output_dir, record)
         raise
 
-    result_path = output_dir / ".result.pt"
+    result_path = output_dir / RESULT
     try:
-        launch(_worker, num_gpus, args=(cfg, datasets_root, resume, str(result_path)))
+        launch(_worker, num_gpus, args=(cfg, datasets_root, resume, str(result_path), os.getpid()))
         result = torch.load(result_path, weights_only=True)
-    except Exception as e:  # diverged, out of memory, a bug: record it, then say so
-        message = _one_line(e)
+    except Exception as e:  # diverged, out of memory, a full disk, a bug: record it, then say so
+        disk = _disk_error(e, output_dir)
+        if disk:
+            remove_partial_files(output_dir)
+        message = str(disk) if disk else _one_line(e)
         record.update(error=message, wall_time_s=time.time() - start)
-        fileio.atomic_write_json(output_dir / "metrics.json", record)
+        runs.write_record(output_dir, record)
         raise RunFailed(message, record) from e
     finally:
         result_path.unlink(missing_ok=True)
@@ -497,7 +536,7 @@ def finetune(task, weights, schedule: str | None, seed: int, output_dir, dataset
         peak_memory_mb=result["peak_memory_mb"],
         iterations=result["iterations"],
     )
-    fileio.atomic_write_json(output_dir / "metrics.json", record)
+    runs.write_record(output_dir, record)
     if record["no_predictions"]:  # the run's APs are 0 because of the model, not of the evaluation: say so
         logger.warning("no predictions: the model predicted no instance on the %d test images; its AP is 0 "
                        "(metrics.json: no_predictions true)", record["images_evaluated"])
@@ -509,11 +548,61 @@ def finetune(task, weights, schedule: str | None, seed: int, output_dir, dataset
     return record
 
 
+RESULT = ".result.pt"  # what the training processes hand back to finetune()
+EVALUATION_OUTPUTS = "inference"  # the evaluators' files (transfer/d2/trainer.py), written in place
+
+
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # errors of writes only (EACCES may be a read's)
+
+
+def _disk_error(error: BaseException, folder: Path) -> fileio.DiskError | None:
+    """The full disk (or read-only folder) behind a failed run, as one line naming the path: a
+    DiskError (a checkpoint or result that did not fit), an OSError of no room anywhere in the
+    exception's chain (a log, an evaluation output written in place), or one that a spawned
+    process's traceback ends with (its file unknown: the run folder is named)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, fileio.DiskError):
+            return error
+        if isinstance(error, OSError) and error.errno in NO_ROOM:
+            return fileio.disk_error(error.filename or folder, error)
+        code = _spawned_errno(error)
+        if code in NO_ROOM:
+            return fileio.disk_error(folder, OSError(code, os.strerror(code)))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _spawned_errno(error: BaseException) -> int | None:
+    """The errno of the OSError a spawned process's traceback ends with (only its text comes back)."""
+    text = str(error).strip()
+    if "Traceback" not in text:
+        return None
+    found = re.match(r"\w*Error: \[Errno (\d+)\]", text.splitlines()[-1].strip())
+    return int(found[1]) if found else None
+
+
+def remove_partial_files(folder: Path) -> None:
+    """After a run failed for want of room: remove what a cut-short write may have left in its
+    folder. Atomic writes leave only a killed process's temporaries; detectron2's own writers (the
+    training log, the evaluation outputs) write in place, so an empty file or an evaluation output
+    of the attempt may be incomplete. Logs with content stay: they say what happened; so does the
+    lock, which its holders share."""
+    empty = [p for p in folder.rglob("*") if p.is_file() and p.name != runs.LOCK and p.stat().st_size == 0]
+    for path in [*fileio.temporaries(folder), folder / RESULT, *empty]:
+        path.unlink(missing_ok=True)
+    shutil.rmtree(folder / EVALUATION_OUTPUTS, ignore_errors=True)
+
+
 def _one_line(error: Exception) -> str:
-    """``Type: message``; for an error raised in a spawned process, the last line of its traceback."""
+    """``Type: message``; for an error raised in a spawned process, the last line of its traceback
+    (a DiskError's message alone: it names the path)."""
     text = str(error).strip()
     if "Traceback" in text:
-        return text.splitlines()[-1].strip()
+        last = text.splitlines()[-1].strip()
+        kind, _, message = last.partition(": ")
+        return message if kind.endswith(".DiskError") else last
     if "is killed by signal: Killed" in text:  # the kernel's OOM killer took a data loader worker
         return f"killed (out of memory?): a data loader worker got SIGKILL ({text.splitlines()[0]})"
     return f"{type(error).__name__}: {text}"

@@ -4,14 +4,16 @@ The step is the one a real run takes: the task's resolved config (``finetune.res
 our ``Trainer`` (detectron2's data loader, model, optimizer; AMPTrainer for ``amp``), timed over
 ``iters`` steps after ``warmup`` (their mean). Data time is the loader's share of the step, as
 detectron2's trainer measures it. Weights: given, or a random-init ResNet-50 converted on the fly
-(the issue's "random init" protocol); the config's norms apply (``opts`` may override them, e.g.
-to BN).
+(the "random init" row of a transfer table); the config's norms apply (``opts`` may override them,
+e.g. to BN).
 
-One more step runs under ``HostReadbacks``, which counts the operators it dispatches and those
-that make the host wait for a GPU. A detection step is bound by the host rather than by the GPU
-(profiled on an H100: GPU kernels fill less than half of a Mask R-CNN step): these counts show
-on any machine what a change does to that host work. ``heads="sync_free"`` times the same model
-with our sync-free RPN and ROI heads in place of detectron2's (``SYNC_FREE``).
+One more step runs under ``HostReadbacks``, the profiler here, which counts the operators it
+dispatches and those that make the host wait for a GPU. A detection step is bound by the host
+rather than by the GPU (README, "Fine-tuning speed"): these counts show on any machine what a
+change does to that host work. ``heads="sync_free"`` times the same model with our sync-free RPN
+and ROI heads in place of detectron2's (transfer/d2/sync_free.py). ``time_mask_targets`` times the
+Mask R-CNN polygon mask targets alone. The synthetic COCO data these benchmarks read is
+``transfer.datasets.demo.synthetic_coco``.
 """
 from __future__ import annotations
 
@@ -22,23 +24,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from transfer import d2compat  # noqa: F401  (before any detectron2 import)
-
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from transfer.errors import UserError
-from transfer.finetune import resolve_config
-from transfer.tasks import get_task
-
-
-# detectron2's heads -> ours, with the same weights, config keys and results but fewer read-backs
-# (transfer/d2/rpn.py, roi_heads.py). Other heads stay.
-SYNC_FREE = {"PROPOSAL_GENERATOR": {"RPN": "SyncFreeRPN"},
-             "ROI_HEADS": {"StandardROIHeads": "SyncFreeStandardROIHeads",
-                           "Res5ROIHeadsExtraNorm": "SyncFreeRes5ROIHeadsExtraNorm"}}
-HEADS = ("detectron2", "sync_free")
 
 
 @dataclass
@@ -134,63 +124,16 @@ def random_init_weights(folder) -> Path:
     return convert(source).weights_path
 
 
-def synthetic_coco(root, num_images: int = 64, size=(640, 480), objects=(4, 11), seed: int = 0) -> Path:
-    """``root/coco`` in the COCO 2017 train layout with COCO's load, for speed only: 640 x 480 JPEGs
-    with 4-10 polygon instances each (COCO train averages 7.3). The built-in demo images are much
-    smaller and emptier, which would under-count per-instance work such as mask targets. Idempotent."""
-    import json
-
-    import numpy as np
-    from PIL import Image
-
-    from transfer.datasets import demo
-
-    root = Path(root)
-    annotations = root / "coco" / "annotations" / "instances_train2017.json"
-    if annotations.exists():
-        return root
-    rng = np.random.default_rng(seed)
-    names = list(demo.COCO_LOOKS)
-    category = {c["name"]: c["id"] for c in demo.coco_categories()}
-    width, height = size
-    images, anns = [], []
-    for image_id in range(1, num_images + 1):
-        labels = list(rng.choice(names, int(rng.integers(*objects))))
-        pixels, drawn = demo.render_scene(rng, width, height, labels, demo.COCO_LOOKS, size_range=(0.1, 0.45))
-        file_name = f"{image_id:012d}.jpg"
-        (root / "coco" / "train2017").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).save(root / "coco" / "train2017" / file_name, quality=90)
-        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-        for obj in drawn:
-            x0, y0, x1, y1 = obj.box_xyxy()
-            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": category[obj.label],
-                         "segmentation": obj.polygons(), "area": float(obj.mask.sum()),
-                         "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1], "iscrowd": 0})
-    annotations.parent.mkdir(parents=True, exist_ok=True)
-    annotations.write_text(json.dumps({"images": images, "annotations": anns, "categories": demo.coco_categories()}))
-    return root
-
-
-def with_heads(cfg, heads: str):
-    """``cfg`` with detectron2's heads (``detectron2``) or their sync-free versions (``sync_free``)."""
-    if heads not in HEADS:
-        raise UserError(f"--heads {heads}: one of {', '.join(HEADS)}")
-    cfg = cfg.clone()
-    cfg.defrost()
-    if heads == "sync_free":
-        for node, ours in SYNC_FREE.items():
-            cfg.MODEL[node].NAME = ours.get(cfg.MODEL[node].NAME, cfg.MODEL[node].NAME)
-    cfg.freeze()
-    return cfg
-
-
 def time_steps(task_name: str, weights, precision: str, schedule: str = "demo", batch: int | None = None,
                warmup: int = 3, iters: int = 10, datasets_root=None, opts=(),
                heads: str = "detectron2") -> StepTiming:
     from detectron2.utils.events import EventStorage
 
+    from transfer.d2.sync_free import with_heads
     from transfer.d2.trainer import Trainer
     from transfer.datasets import catalog
+    from transfer.finetune import resolve_config
+    from transfer.tasks import get_task
 
     task = get_task(task_name)
     catalog.register_all(datasets_root)
@@ -256,7 +199,7 @@ def time_mask_targets(root, device: str = "cpu", images: int = 16, rois_per_imag
     """A batch's Mask R-CNN polygon mask targets: detectron2's (``PolygonMasks``: pycocotools per proposal
     on the host, then a copy) against ours (``PackedPolygons`` on ``device``: several images per pass,
     as training does, and one image at a time), each including the indexing by matched object that
-    the ROI heads do. Objects: the first ``images`` images of the ``synthetic_coco`` data under
+    the ROI heads do. Objects: the first ``images`` images of the ``demo.synthetic_coco`` data under
     ``root``; proposals: their boxes, jittered, ``rois_per_image`` each.
     """
     import json

@@ -1,8 +1,9 @@
 """Reports of a suite: every number comes from the runs' metrics.json files, nothing is typed in.
 
-A suite's output folder holds one folder per run, ``<weights>/<task>/<schedule>/seed<N>/``
-(see transfer/suite.py), each with the ``metrics.json`` that ``tools/finetune.py`` wrote. From those
-files alone this module writes:
+A suite's output folder holds one folder per run, ``<weights>/<task>/<schedule>[@<regime>]/seed<N>/``
+(see transfer/runs.py), each with the ``metrics.json`` that ``tools/finetune.py`` wrote. A run's
+regime (label ``fraction``, ``backbone`` mode; transfer/regimes.py) is part of every grouping
+below, like its schedule. From those files alone this module writes:
 
 - ``runs.csv``      long format: one row per (run, metric), with the run's provenance (batch, LR and
                     iterations after any scaling, protocol, GPUs, versions, git commit);
@@ -17,6 +18,9 @@ files alone this module writes:
 - ``summary.md``    the table in Markdown, the published numbers, the classes that gained or lost
                     most, the failed runs and the runs without predictions.
 - ``deltas.png``    a bar chart of the deltas against the baseline (the paper's green / red).
+- ``label_efficiency.png`` when a task ran several label fractions: the headline metric against
+                    the fraction, per weights file, with the deltas (transfer/label_efficiency.py),
+                    and its section in summary.md.
 
 Failed runs are never averaged, and a metric a run did not report stays missing (never zero). A
 run whose model predicted nothing did report its metrics: AP 0 (``no_predictions`` in its
@@ -31,19 +35,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from transfer import stats
+from transfer import REPO, label_efficiency, regimes, stats
 from transfer.fileio import atomic_write_bytes, atomic_write_text
-from transfer.runs import read_record
+from transfer.runs import BASELINE, recorded_runs
 
-PUBLISHED_CSV = Path(__file__).resolve().parent.parent / "results" / "published_results.csv"
-BASELINE = "supervised"
-KEYS = ["weights", "task", "schedule"]
+PUBLISHED_CSV = REPO / "results" / "published_results.csv"
+KEYS = ["weights", "task", "schedule", "fraction", "backbone"]
+SETTING = KEYS[1:]  # what two weights files are compared at: the same task, schedule and regime
 
 # metrics.json fields copied into runs.csv beside each metric (absent fields stay empty).
 RUN_FIELDS = ["s_per_iter", "wall_time_s", "iterations", "num_gpus", "precision", "peak_memory_mb",
-              "weights_path", "weights_sha256", "same_run_as", "no_predictions", "images_evaluated"]
+              "weights_path", "weights_sha256", "same_run_as", "no_predictions", "images_evaluated",
+              "images_kept", "classes_without_images"]
 # metrics.json "provenance" fields (transfer/finetune.py): what the run really trained with.
-PROVENANCE = ["protocol", "norm", "freeze_at", "ims_per_batch", "base_lr", "max_iter", "warmup_iters",
+PROVENANCE = ["protocol", "subset_seed", "schedule_factor", "norm", "freeze_at", "ims_per_batch", "base_lr",
+              "max_iter", "warmup_iters",
               "precise_bn_iters", "bn_group_images", "small_batch", "gpu_model", "detectron2_compiled", "git_commit"]
 HATCHES = ["", "//", "..", "xx", "\\\\", "++"]
 VERSIONS = ["python", "torch", "torchvision", "detectron2", "moco_transfer"]
@@ -59,10 +65,11 @@ class Report:
     summary_md: Path
     chart: Path
     per_class: Path
+    label_efficiency: Path | None = None  # written when a task ran several label fractions
 
     def __str__(self) -> str:
         return ", ".join(str(path) for path in (self.runs, self.summary_csv, self.summary_md,
-                                                self.per_class, self.chart))
+                                                self.per_class, self.chart, self.label_efficiency) if path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,31 +83,31 @@ def _number(value):
 
 
 def read_records(output) -> list[tuple[dict, dict]]:
-    """(the run's identity, its metrics.json) for every ``<weights>/<task>/<schedule>/seed<N>/metrics.json``.
+    """(the run's identity, its metrics.json) for every run folder under ``output`` (transfer.runs).
 
     The task is the one that ran (``task_variant`` when the run fell back to another task). An
     unreadable file gives a failed record that says why.
     """
-    output = Path(output)
-    paths = sorted(p for p in output.glob("*/*/*/seed*/metrics.json")
-                   if p.parent.name.removeprefix("seed").isdigit())
-    records = []
-    for path in paths:
-        rel = path.parent.relative_to(output)
-        weights, task, schedule, seed_dir = rel.parts[-4:]
-        record = read_record(path)
-        if record is None:  # removed since the glob
-            continue
-        run = {"weights": weights, "task": record.get("task_variant") or task, "schedule": schedule,
-               "seed": int(seed_dir.removeprefix("seed")), "run_dir": rel.as_posix()}
-        records.append((run, record))
-    return records
+    return [({"weights": key.weights, "task": record.get("task_variant") or key.task, "schedule": key.schedule,
+              "fraction": key.fraction, "backbone": key.backbone, "seed": key.seed, "run_dir": key.name}, record)
+            for key, record in recorded_runs(output)]
+
+
+def _subset_fields(record: dict) -> dict:
+    """runs.csv's view of a labelled subset (metrics.json's ``label_subset``): the training
+    images kept, and the classes some subset left without any image (comma-separated)."""
+    subsets = (record.get("label_subset") or {}).values()
+    if not subsets:
+        return {}
+    missing = dict.fromkeys(c for s in subsets for c in s.get("classes_without_images") or [])
+    return {"images_kept": sum(s.get("kept") or 0 for s in subsets), "classes_without_images": ", ".join(missing)}
 
 
 def _run_rows(run: dict, record: dict) -> list[dict]:
     run = dict(run, status=record.get("status", "failed"), error=record.get("error"),
                task_variant=record.get("task_variant"), weights_path=record.get("weights"))
     run.update({k: record.get(k) for k in RUN_FIELDS if k != "weights_path"})
+    run.update(_subset_fields(record))
     provenance = record.get("provenance") or {}
     run.update({k: provenance.get(k) for k in PROVENANCE})
     versions = record.get("versions") or {}
@@ -133,12 +140,14 @@ def load_published(path=PUBLISHED_CSV) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
-def reference_for(task: str, schedule: str):
-    """(published task key, published schedule, protocol) for one of our (task, schedule), or the
-    reason there is no comparable published number (a string).
+def reference_for(task: str, schedule: str, fraction: float = regimes.FULL, backbone: str = regimes.FINETUNE):
+    """(published task key, published schedule, protocol) for one of our (task, schedule, regime),
+    or the reason there is no comparable published number (a string).
 
     Published numbers exist only for the papers' full schedules; the task registry says which
-    published rows a task matches (dataset version, split, schedule) and under which protocol.
+    published rows a task matches (dataset version, split, schedule) and under which protocol; a
+    regime makes the protocol its own (``regimes.protocol``: "frozen backbone", "fine-tune, 10%
+    labels (subset seed 0)"), which a published row must name to stand beside it.
     """
     if schedule != "full":
         return f"the {schedule} schedule is not a published one"
@@ -151,33 +160,34 @@ def reference_for(task: str, schedule: str):
         return "no published number for this dataset"
     if not task_entry.reference:
         return f"no published number for {task_entry.description}"
-    return (*task_entry.reference, task_entry.protocol)
+    return (*task_entry.reference, regimes.protocol(task_entry.protocol, backbone, fraction))
 
 
-def _published_rows(tasks, published: pd.DataFrame) -> pd.DataFrame:
-    """The published rows that match each of our (task, schedule): task key, schedule and protocol."""
+def _published_rows(settings, published: pd.DataFrame) -> pd.DataFrame:
+    """The published rows that match each of our (task, schedule, fraction, backbone): task key,
+    schedule and protocol."""
     rows = []
-    for task, schedule in tasks:
-        reference = reference_for(task, schedule)
+    for setting in settings:
+        reference = reference_for(*setting)
         if isinstance(reference, str):
             continue
         key, published_schedule, protocol = reference
         match = published[(published["task"] == key) & (published["schedule"] == published_schedule)
                           & (published["protocol"] == protocol)]
-        rows += [{"task": task, "schedule": schedule, "metric": r.metric, "pretrain": r.pretrain,
+        rows += [{**dict(zip(SETTING, setting)), "metric": r.metric, "pretrain": r.pretrain,
                   "value": r.value, "source": r.source} for r in match.itertuples(index=False)]
-    return pd.DataFrame(rows, columns=["task", "schedule", "metric", "pretrain", "value", "source"])
+    return pd.DataFrame(rows, columns=SETTING + ["metric", "pretrain", "value", "source"])
 
 
 def _published_columns(summary: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
     """Published values as one column per pre-training ("published: supervised IN-1M", ...)."""
-    rows = _published_rows(summary[["task", "schedule"]].drop_duplicates().itertuples(index=False), published)
+    rows = _published_rows(summary[SETTING].drop_duplicates().itertuples(index=False), published)
     if rows.empty:
         return summary
     rows["column"] = "published: " + rows["pretrain"]
-    wide = rows.pivot_table(index=["task", "schedule", "metric"], columns="column",
+    wide = rows.pivot_table(index=SETTING + ["metric"], columns="column",
                             values="value", aggfunc="first", sort=False)
-    return summary.merge(wide.reset_index(), on=["task", "schedule", "metric"], how="left")
+    return summary.merge(wide.reset_index(), on=SETTING + ["metric"], how="left")
 
 
 def _task_rank(tasks) -> dict:
@@ -192,9 +202,11 @@ def _task_rank(tasks) -> dict:
     return {t: i for i, t in enumerate(ordered)}
 
 
-def _by_seed(ok: pd.DataFrame, weights, task, schedule, metric) -> pd.Series:
-    rows = ok[(ok["weights"] == weights) & (ok["task"] == task) & (ok["schedule"] == schedule)
-              & (ok["metric"] == metric)]
+def _by_seed(ok: pd.DataFrame, weights, setting: tuple, metric) -> pd.Series:
+    """The values of ``weights`` at ``setting`` (task, schedule, fraction, backbone), by seed."""
+    rows = ok[(ok["weights"] == weights) & (ok["metric"] == metric)]
+    for column, value in zip(SETTING, setting):
+        rows = rows[rows[column] == value]
     return rows.set_index("seed")["value"].dropna()
 
 
@@ -216,27 +228,31 @@ def summarize(runs: pd.DataFrame, baseline: str = BASELINE, published: pd.DataFr
     metrics_of = ok.dropna(subset=["metric"]).groupby(["task", "schedule"], sort=False)["metric"].unique()
 
     rows = []
-    for (weights, task, schedule), _ in one_per_run.groupby(KEYS, sort=False):
-        for name in list(metrics_of.get((task, schedule), [])) or [None]:
-            values = _by_seed(ok, weights, task, schedule, name)
+    for key, _ in one_per_run.groupby(KEYS, sort=False):
+        weights, setting = key[0], key[1:]
+        for name in list(metrics_of.get(setting[:2], [])) or [None]:
+            values = _by_seed(ok, weights, setting, name)
             low, high = stats.mean_interval(values)
-            row = {"weights": weights, "task": task, "schedule": schedule, "metric": name,
+            row = {**dict(zip(KEYS, key)), "metric": name,
                    "mean": values.mean() if len(values) else math.nan,
                    "std": values.std(ddof=1) if len(values) > 1 else math.nan,
                    "n": len(values), "ci_low": low, "ci_high": high,
-                   "failed": int(failed.get((weights, task, schedule), 0)),
-                   "no_predictions": int(empty.get((weights, task, schedule), 0))}
+                   "failed": int(failed.get(key, 0)), "no_predictions": int(empty.get(key, 0))}
             if weights != baseline:
-                row.update(_against(values, _by_seed(ok, baseline, task, schedule, name)))
+                row.update(_against(values, _by_seed(ok, baseline, setting, name)))
             rows.append(row)
     summary = pd.DataFrame(rows).reindex(columns=SUMMARY)
 
-    # Baseline first within a task, then the other weights in the order they were given.
+    # Within a task and schedule: the paper's regime first (fine-tuned, then the label fractions
+    # from all down), the frozen backbone after; the baseline first, then the other weights in
+    # the order they were given.
     order = {w: i for i, w in enumerate(dict.fromkeys([baseline] + list(runs["weights"])))}
     summary["_order"] = summary["weights"].map(order)
     summary["_task"] = summary["task"].map(_task_rank(set(summary["task"])))
-    summary = summary.sort_values(["_task", "schedule", "_order"], kind="stable")
-    summary = summary.drop(columns=["_order", "_task"]).reset_index(drop=True)
+    summary["_frozen"] = summary["backbone"] == regimes.FROZEN
+    summary["_labels"] = -summary["fraction"]
+    summary = summary.sort_values(["_task", "schedule", "_frozen", "_labels", "_order"], kind="stable")
+    summary = summary.drop(columns=["_order", "_task", "_frozen", "_labels"]).reset_index(drop=True)
     if published is not None:
         summary = _published_columns(summary, published)
     return summary
@@ -269,9 +285,9 @@ def per_class_table(records, baseline: str = BASELINE) -> pd.DataFrame:
         return pd.DataFrame(columns=columns)
     table = (pd.DataFrame(rows).groupby(KEYS + ["section", "class"], sort=False)["value"]
              .agg(mean="mean", n="count").reset_index())
-    base = table[table["weights"] == baseline].set_index(["task", "schedule", "section", "class"])["mean"]
+    base = table[table["weights"] == baseline].set_index(SETTING + ["section", "class"])["mean"]
     table["baseline_mean"] = [base.get(tuple(k), math.nan) for k in
-                              table[["task", "schedule", "section", "class"]].itertuples(index=False)]
+                              table[SETTING + ["section", "class"]].itertuples(index=False)]
     table["delta"] = table["mean"] - table["baseline_mean"]
     table.loc[table["weights"] == baseline, "delta"] = math.nan
     return table[columns]
@@ -296,9 +312,23 @@ def _p(value) -> str:
     return "" if value is None or math.isnan(value) else ("< 0.001" if value < 0.001 else f"{value:.3f}")
 
 
+def _regime_text(fraction: float, backbone: str) -> str:
+    """'' for the paper's regime, else e.g. ', 10% labels, frozen backbone'."""
+    return (f", {regimes.percent(fraction)} labels" if fraction < regimes.FULL else "") + \
+        (", frozen backbone" if backbone == regimes.FROZEN else "")
+
+
+def _regime_columns(summary: pd.DataFrame) -> dict:
+    """summary.md's regime columns: shown only when some run is not in the paper's regime."""
+    if ((summary["fraction"] == regimes.FULL) & (summary["backbone"] == regimes.FINETUNE)).all():
+        return {}
+    return {"labels": [regimes.percent(f) for f in summary["fraction"]], "backbone": summary["backbone"]}
+
+
 def _main_table(summary: pd.DataFrame, baseline: str) -> str:
     table = pd.DataFrame({
-        **{k: summary[k] for k in KEYS + ["metric"]},
+        **{k: summary[k] for k in ["weights", "task", "schedule"]}, **_regime_columns(summary),
+        "metric": summary["metric"],
         "mean": [_cell(v) for v in summary["mean"]], "std": [_cell(v) for v in summary["std"]],
         "n": summary["n"], "95% CI": [_interval(lo, hi) for lo, hi in zip(summary["ci_low"], summary["ci_high"])],
         "failed": summary["failed"], "no predictions": summary["no_predictions"],
@@ -328,18 +358,20 @@ def _published_section(summary: pd.DataFrame, published: pd.DataFrame | None) ->
     if published is None or summary.empty:
         return []
     lines, missing = ["## Published numbers", ""], {}
-    for task, schedule in summary[["task", "schedule"]].drop_duplicates().itertuples(index=False):
-        rows = _published_rows([(task, schedule)], published)
+    for task, schedule, fraction, backbone in summary[SETTING].drop_duplicates().itertuples(index=False):
+        rows = _published_rows([(task, schedule, fraction, backbone)], published)
+        regime = _regime_text(fraction, backbone)
         if rows.empty:
-            reason = reference_for(task, schedule)
+            reason = reference_for(task, schedule, fraction, backbone)
             missing.setdefault(reason if isinstance(reason, str) else "no published number for this "
-                               "task's dataset version, split, schedule and protocol", []).append(task)
+                               "task's dataset version, split, schedule and protocol", []).append(
+                f"`{task}`" + (f" ({regime[2:]})" if regime else ""))
             continue
         wide = rows.pivot_table(index="metric", columns="pretrain", values="value", aggfunc="first", sort=False)
-        lines += [f"`{task}` ({schedule}):", "", wide.reset_index().to_markdown(index=False), "",
+        lines += [f"`{task}` ({schedule}{regime}):", "", wide.reset_index().to_markdown(index=False), "",
                   "Sources: " + "; ".join(f"{r.pretrain}: {r.source}"
                                           for r in rows.drop_duplicates("pretrain").itertuples(index=False)), ""]
-    lines += [f"- {', '.join(f'`{t}`' for t in tasks)}: {reason}" for reason, tasks in missing.items()]
+    lines += [f"- {', '.join(dict.fromkeys(tasks))}: {reason}" for reason, tasks in missing.items()]
     return lines + [""]
 
 
@@ -351,13 +383,14 @@ def _per_class_section(per_class: pd.DataFrame, baseline: str) -> list[str]:
     lines = ["## Per-class results", "",
              f"Mean per-class AP (IoU for semantic segmentation) minus `{baseline}`'s, the {TOP_CLASSES} "
              "largest gains and losses; every class is in per_class.csv.", ""]
-    for (weights, task, schedule, section), rows in deltas.groupby(KEYS + ["section"], sort=False):
+    for (weights, task, schedule, fraction, backbone, section), rows in deltas.groupby(KEYS + ["section"], sort=False):
         ranked = rows.sort_values("delta", ascending=False)
         gains = ranked[ranked["delta"] > 0].head(TOP_CLASSES)
         losses = ranked[ranked["delta"] < 0].iloc[::-1].head(TOP_CLASSES)
         shown = {label: ", ".join(f"{c} {d:+.1f}" for c, d in zip(part["class"], part["delta"])) or "none"
                  for label, part in (("gains", gains), ("losses", losses))}
-        lines.append(f"- `{weights}` on `{task}` ({schedule}, {section}): gains {shown['gains']}; "
+        lines.append(f"- `{weights}` on `{task}` ({schedule}{_regime_text(fraction, backbone)}, {section}): "
+                     f"gains {shown['gains']}; "
                      f"losses {shown['losses']}")
     return lines + [""]
 
@@ -375,6 +408,7 @@ def to_markdown(summary: pd.DataFrame, runs: pd.DataFrame, baseline: str = BASEL
     lines += _small_batch_note(runs)
     lines += _published_section(summary, published)
     lines += _per_class_section(per_class if per_class is not None else pd.DataFrame(columns=["delta"]), baseline)
+    lines += label_efficiency.markdown(label_efficiency.efficiency_table(runs, baseline), runs, baseline)
 
     failures = runs[runs["status"] != "ok"].drop_duplicates(KEYS + ["seed"])
     if len(failures):
@@ -422,7 +456,7 @@ def plot_deltas(summary: pd.DataFrame, path, baseline: str = BASELINE) -> None:
     from matplotlib.patches import Patch
 
     deltas = summary.dropna(subset=["delta"])
-    groups = list(dict.fromkeys(zip(deltas["task"], deltas["schedule"], deltas["metric"])))
+    groups = list(dict.fromkeys(zip(*(deltas[k] for k in SETTING + ["metric"]))))
     others = list(dict.fromkeys(deltas["weights"]))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(groups) * max(1, len(others)) + 2), 4))
     if not groups:
@@ -432,7 +466,7 @@ def plot_deltas(summary: pd.DataFrame, path, baseline: str = BASELINE) -> None:
     else:
         width, handles = 0.8 / len(others), []
         for i, weights in enumerate(others):
-            mine = deltas[deltas["weights"] == weights].set_index(["task", "schedule", "metric"])["delta"]
+            mine = deltas[deltas["weights"] == weights].set_index(SETTING + ["metric"])["delta"]
             values = [mine.get(g, math.nan) for g in groups]
             xs = [j + (i - (len(others) - 1) / 2) * width for j in range(len(groups))]
             colors = ["tab:green" if v >= 0 else "tab:red" for v in values]
@@ -447,7 +481,8 @@ def plot_deltas(summary: pd.DataFrame, path, baseline: str = BASELINE) -> None:
                                 va="bottom" if v >= 0 else "top")
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([f"{t}\n{m}" + ("" if s == "full" else f" ({s})") for t, s, m in groups],
+        ax.set_xticklabels([f"{t}\n{m}" + ("" if s == "full" else f" ({s})") + _regime_text(f, b).replace(", ", "\n")
+                            for t, s, f, b, m in groups],
                            rotation=45, ha="right", fontsize=8)
         ax.set_ylabel(f"delta vs {baseline} (points)")
         if len(others) > 1:
@@ -464,7 +499,7 @@ def plot_deltas(summary: pd.DataFrame, path, baseline: str = BASELINE) -> None:
 
 def write_reports(output, baseline: str = BASELINE, published_path=PUBLISHED_CSV) -> Report:
     """(Re)write runs.csv, summary.csv, per_class.csv, summary.md and deltas.png from output's
-    metrics.json files."""
+    metrics.json files, and label_efficiency.png when a task ran several label fractions."""
     output = Path(output)
     records = read_records(output)
     runs = runs_table(records)
@@ -478,4 +513,7 @@ def write_reports(output, baseline: str = BASELINE, published_path=PUBLISHED_CSV
     atomic_write_text(report.per_class, per_class.to_csv(index=False))
     atomic_write_text(report.summary_md, to_markdown(summary, runs, baseline, published, per_class))
     plot_deltas(summary, report.chart, baseline)
+    if label_efficiency.has_fractions(runs):
+        report.label_efficiency = output / label_efficiency.FIGURE
+        label_efficiency.plot(label_efficiency.efficiency_table(runs, baseline), report.label_efficiency, baseline)
     return report

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transfer import d2compat  # noqa: F401  (before any detectron2 import)
-
 from detectron2 import model_zoo
 from detectron2.config import CfgNode
 from detectron2.config import get_cfg as d2_get_cfg
@@ -26,7 +24,9 @@ def get_cfg() -> CfgNode:
     cfg.TRANSFER = CfgNode()
     cfg.TRANSFER.TASK = ""  # the task this config was resolved for (recorded in metrics.json)
     cfg.TRANSFER.EVALUATOR = ""  # a key of transfer.d2.evaluation.EVALUATORS
-    return cfg
+    from transfer.regimes import add_regime_config
+
+    return add_regime_config(cfg)  # TRANSFER.LABELS.* and TRANSFER.BACKBONE: the run's regime
 
 
 def load_yaml(path) -> dict:

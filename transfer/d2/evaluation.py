@@ -8,31 +8,26 @@ Every evaluator also returns per-class numbers next to its means, named as detec
 COCOEvaluator names them (``AP-<class>``; ``AP50-<class>``, ``IoU-<class>``, ``iIoU-<class>``);
 ``per_class`` collects them. Where detectron2 computes them in a library call and keeps only the
 mean (VOC, LVIS, Cityscapes), the subclasses below record that call's result instead of redoing
-the evaluation.
+the evaluation (through transfer/d2compat.py, which knows how each evaluator calls them).
 
 Each evaluator counts the test images and the instances predicted on them (the results'
 ``predictions`` section). A model that predicts no instance at all gets the metrics' values for
 an empty prediction set: AP 0 wherever the ground truth has instances, missing where it has none,
 as for any other prediction set. detectron2's COCO and LVIS evaluators give NaN for every metric
 instead (and only a ``bbox`` section when the sections are read off the predictions), so for them
-``_evaluate_no_predictions`` has pycocotools / lvis score an empty result set. VOC's ``voc_eval``
-and the Cityscapes script score an empty set 0 themselves; a semantic segmentor labels every
-pixel, so its IoUs are always numbers. ``run_fields`` turns the counts into metrics.json's
-``no_predictions`` and says why each missing value is missing.
+``_evaluate_no_predictions`` has pycocotools / lvis score an empty result set for each section the
+evaluator was given (``tasks``). VOC's ``voc_eval`` and the Cityscapes script score an empty set 0
+themselves; a semantic segmentor labels every pixel, so its IoUs are always numbers. ``run_fields``
+turns the counts into metrics.json's ``no_predictions`` and says why each missing value is missing.
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
-import logging
 import math
 import os
 from collections import defaultdict
 
 import numpy as np
-
-from transfer import d2compat  # noqa: F401  (before any detectron2 import)
-
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import (
     CityscapesInstanceEvaluator,
@@ -41,36 +36,11 @@ from detectron2.evaluation import (
     LVISEvaluator,
     PascalVOCDetectionEvaluator,
     SemSegEvaluator,
-    pascal_voc_evaluation,
 )
 from detectron2.utils import comm
 
-
-@contextlib.contextmanager
-def _recording(module, name):
-    """Within the block, calls of ``module.name`` (a function or class) are also kept, as
-    ``[(arguments by parameter name, result), ...]``.
-
-    The library function looks ``module.name`` up when it runs, so it calls the recorder; the
-    original is back in place afterwards, also after an error.
-    """
-    original = getattr(module, name)
-    signature = inspect.signature(original)
-    calls = []
-
-    def recorder(*args, **kwargs):
-        result = original(*args, **kwargs)
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        calls.append((dict(bound.arguments), result))
-        return result
-
-    setattr(module, name, recorder)
-    try:
-        yield calls
-    finally:
-        setattr(module, name, original)
-
+from transfer import d2compat
+from transfer.d2 import densepose
 
 PREDICTIONS = "predictions"  # the results' section with the counts: {"images": N, "instances": M}
 
@@ -86,16 +56,16 @@ class _CountingPredictions:
 
     def reset(self):
         super().reset()
-        self._images, self._instances = 0, 0
+        self.images_seen, self.instances_predicted = 0, 0
 
     def process(self, inputs, outputs):
         super().process(inputs, outputs)
-        self._images += len(inputs)
+        self.images_seen += len(inputs)
         if self.counts_instances:
-            self._instances += sum(len(output["instances"]) for output in outputs if "instances" in output)
+            self.instances_predicted += sum(len(output["instances"]) for output in outputs if "instances" in output)
 
     def evaluate(self, *args, **kwargs):
-        counts = comm.gather((self._images, self._instances), dst=0)  # every process evaluates
+        counts = comm.gather((self.images_seen, self.instances_predicted), dst=0)  # every process evaluates
         results = super().evaluate(*args, **kwargs)
         if not comm.is_main_process():
             return results
@@ -124,7 +94,7 @@ class _PascalVOCEvaluator(_CountingPredictions, PascalVOCDetectionEvaluator):
     """
 
     def evaluate(self):
-        with _recording(pascal_voc_evaluation, "voc_eval") as calls:
+        with d2compat.recording_voc_eval() as calls:
             results = super().evaluate()
         if results is None:  # not the main process
             return results
@@ -144,16 +114,17 @@ class _COCOEvaluator(_CountingPredictions, COCOEvaluator):
     keypoints: person) the section's AP is that category's AP, over the same precision entries.
     """
 
-    def __init__(self, dataset_name, *args, **kwargs):
-        super().__init__(dataset_name, *args, **kwargs)
-        self._classes = MetadataCatalog.get(dataset_name).get("thing_classes") or []
+    def __init__(self, dataset_name, tasks, **kwargs):
+        super().__init__(dataset_name, tasks=tasks, **kwargs)
+        self.sections = tasks
+        self.class_names = MetadataCatalog.get(dataset_name).get("thing_classes") or []
 
     def evaluate(self, img_ids=None):
         results = super().evaluate(img_ids)
-        if results and len(self._classes) == 1:
+        if results and len(self.class_names) == 1:
             for section in results.values():
                 if "AP" in section:
-                    section.setdefault(f"AP-{self._classes[0]}", section["AP"])
+                    section.setdefault(f"AP-{self.class_names[0]}", section["AP"])
         return results
 
     def _evaluate_no_predictions(self):
@@ -162,17 +133,18 @@ class _COCOEvaluator(_CountingPredictions, COCOEvaluator):
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
 
+        ground_truth = d2compat.coco_ground_truth(self)
         nothing = COCO()
-        nothing.dataset = {**self._coco_api.dataset, "annotations": []}
+        nothing.dataset = {**ground_truth.dataset, "annotations": []}
         nothing.createIndex()
         results = {}
-        for task in self._tasks:
+        for task in self.sections:
             # with no detection, no OKS (or IoU) is computed: the keypoint sigmas do not matter
-            coco_eval = COCOeval(self._coco_api, nothing, task)
+            coco_eval = COCOeval(ground_truth, nothing, task)
             coco_eval.evaluate()
             coco_eval.accumulate()
             coco_eval.summarize()
-            results[task] = self._derive_coco_results(coco_eval, task, class_names=self._classes)
+            results[task] = d2compat.derive_coco_results(self, coco_eval, task, self.class_names)
         return results
 
 
@@ -183,10 +155,12 @@ class _LVISEvaluator(_CountingPredictions, LVISEvaluator):
     evaluations still hold their precision arrays.
     """
 
-    def evaluate(self):
-        import lvis
+    def __init__(self, dataset_name, tasks, **kwargs):
+        super().__init__(dataset_name, tasks=tasks, **kwargs)
+        self.sections = tasks
 
-        with _recording(lvis, "LVISEval") as calls:
+    def evaluate(self):
+        with d2compat.recording_lvis_eval() as calls:
             results = super().evaluate()
         for arguments, lvis_eval in calls:
             section = arguments["iou_type"]
@@ -197,26 +171,15 @@ class _LVISEvaluator(_CountingPredictions, LVISEvaluator):
     def _evaluate_no_predictions(self):
         import lvis
 
+        ground_truth = d2compat.lvis_ground_truth(self)
         results = {}
-        for task in self._tasks:
+        for task in self.sections:
             # looked up in the module, as detectron2 does, so that evaluate() records it too
-            lvis_eval = lvis.LVISEval(self._lvis_api, _no_lvis_results(self._lvis_api), task)
+            lvis_eval = lvis.LVISEval(ground_truth, d2compat.empty_lvis_results(ground_truth), task)
             lvis_eval.run()
             results[task] = {name: float(value) * 100 for name, value in lvis_eval.get_results().items()
                              if name.startswith("AP")}  # the metrics detectron2 keeps
         return results
-
-
-def _no_lvis_results(lvis_gt):
-    """An ``lvis.LVISResults`` with no detection: its constructor reads the first result to tell
-    boxes from masks, so it cannot take an empty list; this is what it would build from one."""
-    from lvis import LVISResults
-
-    results = LVISResults.__new__(LVISResults)
-    results.logger = logging.getLogger("lvis.results")
-    results.dataset = {**lvis_gt.dataset, "annotations": []}
-    results._create_index()
-    return results
 
 
 def _lvis_per_category(lvis_eval) -> dict:
@@ -241,12 +204,12 @@ class _CityscapesInstanceEvaluator(_CountingPredictions, CityscapesInstanceEvalu
 
     def __init__(self, dataset_name, output_dir):
         super().__init__(dataset_name)
-        self._output_dir = output_dir
+        self.output_dir = output_dir
 
     def evaluate(self):
         import cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling as cityscapes_eval
 
-        with contextlib.chdir(self._output_dir), _recording(cityscapes_eval, "evaluateImgLists") as calls:
+        with contextlib.chdir(self.output_dir), d2compat.recording_cityscapes_eval(cityscapes_eval) as calls:
             results = super().evaluate()
         if results and calls:
             for name, scores in calls[-1][1]["averages"]["classes"].items():
@@ -272,7 +235,7 @@ class _CityscapesSemSegEvaluator(_CountingPredictions, CityscapesSemSegEvaluator
         import cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling as cityscapes_eval
         from cityscapesscripts.helpers.labels import name2label
 
-        with _recording(cityscapes_eval, "evaluateImgLists") as calls:
+        with d2compat.recording_cityscapes_eval(cityscapes_eval) as calls:
             results = super().evaluate()
         if results and calls:
             scores = calls[-1][1]
@@ -304,6 +267,8 @@ EVALUATORS = {
     "cityscapes_instance": lambda cfg, name, out: _CityscapesInstanceEvaluator(name, out),
     "sem_seg": lambda cfg, name, out: _SemSegEvaluator(name, output_dir=out),
     "cityscapes_sem_seg": lambda cfg, name, out: _CityscapesSemSegEvaluator(name),  # the official script
+    # the DensePose project's bbox and DensePose evaluators (an optional dependency: transfer/d2/densepose.py)
+    "densepose": lambda cfg, name, out: densepose.build_evaluator(cfg, name, out),
 }
 
 # headline metric -> (section, key) of the evaluator's results
@@ -322,6 +287,10 @@ HEADLINES = {
     "cityscapes_instance": {"APmk": ("segm", "AP"), "APmk50": ("segm", "AP50")},
     "sem_seg": {"mIoU": ("sem_seg", "mIoU"), "fwIoU": ("sem_seg", "fwIoU"), "mACC": ("sem_seg", "mACC")},
     "cityscapes_sem_seg": {"mIoU": ("sem_seg", "IoU"), "iIoU": ("sem_seg", "iIoU")},
+    # DensePose AP under the GPS measure: the paper's AP^dp (the project's GPSm and IoU measures
+    # are in all_metrics as densepose_gpsm / densepose_segm)
+    "densepose": {"APdp": ("densepose_gps", "AP"), "APdp50": ("densepose_gps", "AP50"),
+                  "APdp75": ("densepose_gps", "AP75"), "APbb": ("bbox", "AP")},
 }
 
 
@@ -334,6 +303,7 @@ PER_CLASS = {
     "cityscapes_instance": {"segm": ("segm", "AP-"), "segm/AP50": ("segm", "AP50-")},
     "sem_seg": {"sem_seg": ("sem_seg", "IoU-")},
     "cityscapes_sem_seg": {"sem_seg": ("sem_seg", "IoU-"), "sem_seg/iIoU": ("sem_seg", "iIoU-")},
+    "densepose": {"bbox": ("bbox", "AP-")},
 }
 
 

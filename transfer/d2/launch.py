@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from transfer import d2compat  # noqa: F401  (before any detectron2 import)
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.engine import launch as d2_launch
-from detectron2.engine.launch import _find_free_port
 from detectron2.utils import comm
+
+from transfer import d2compat
 
 TIMEOUT = timedelta(minutes=30)
 
@@ -28,7 +27,7 @@ def launch(main_func, num_processes: int, num_machines: int = 1, machine_rank: i
     if dist_url == "auto":
         if num_machines != 1:
             raise ValueError("dist_url 'auto' works on one machine only; pass tcp://HOST:PORT")
-        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+        dist_url = f"tcp://127.0.0.1:{d2compat.find_free_port()}"
     mp.spawn(_cpu_worker, nprocs=num_processes, daemon=False,
              args=(main_func, num_processes, num_machines, machine_rank, dist_url, args))
 
@@ -41,7 +40,7 @@ def _cpu_worker(local_rank, main_func, num_processes, num_machines, machine_rank
     for machine in range(num_machines):
         group = dist.new_group(list(range(machine * num_processes, (machine + 1) * num_processes)))
         if machine == machine_rank:
-            comm._LOCAL_PROCESS_GROUP = group
+            d2compat.set_local_process_group(group)
     d2compat.allow_cpu_ddp()
     comm.synchronize()
     try:

@@ -1,21 +1,19 @@
 """Mask R-CNN's polygon mask targets, rasterized on the device that trains.
 
 detectron2 keeps polygon masks on the host and rasterizes each sampled foreground proposal's
-28 x 28 target there with pycocotools (``PolygonMasks.crop_and_resize``): ~2,000 targets and ~50 ms
-of host time per batch of 16 COCO images, while the GPU waits, then a blocking copy per image.
+28 x 28 target there with pycocotools (``PolygonMasks.crop_and_resize``): thousands of targets per
+batch of COCO images, one at a time while the GPU waits, then a blocking copy per image.
 ``PackedPolygons`` holds the polygons of an image's objects in one padded tensor on the device;
 its ``crop_and_resize`` rasterizes every proposal's target at once with a few tensor operations
 and reads nothing back, and ``mask_targets`` does so for several images per pass.
 
 Rasterization samples pixel centres with the even-odd rule per polygon and takes the union of an
 object's polygons, as pycocotools' ``merge`` does. pycocotools first rounds vertices to 1/5 pixel,
-as we do, then walks the edges at 5x resolution; the two still disagree on about 0.6% of pixels
-(where the boundary passes through), half as many as detectron2's bitmask targets, which it
-documents as equally accurate (tests/test_mask_targets.py).
+as we do, then walks the edges at 5x resolution; the two still disagree on a small share of pixels
+(where the boundary passes through), fewer than detectron2's bitmask targets do, which it documents
+as equally accurate (tests/test_mask_targets.py checks both bounds; the README has the figures).
 """
 from __future__ import annotations
-
-from transfer import d2compat  # noqa: F401  (before any detectron2 import)
 
 import math
 
@@ -26,8 +24,9 @@ from detectron2.layers import cat
 from detectron2.structures import PolygonMasks
 
 # Objects rasterized per pass: at most this many elements in the (object, row, polygon, edge) tensors
-# (~25 bytes each at their peak, so ~0.4 GB): few passes of ~25 kernels each for a batch on a GPU. (A
-# CPU would be faster with passes of tensors that stay in its caches, ~2^20 elements.)
+# (a few tens of bytes each at their peak, well within a GPU's memory): few passes of a few dozen
+# kernels each for a batch on a GPU. (A CPU would be faster with passes of tensors small enough to
+# stay in its caches.)
 CHUNK_ELEMENTS = 2 ** 24
 
 

@@ -1,11 +1,11 @@
 """Training batches loaded in a background thread and copied to the GPU without making the host wait.
 
 detectron2's trainer takes the next batch at the start of each step, from the host thread that
-queues the GPU's work: while the data loader hands the batch over (~0.04 s per batch of 16 COCO
-images on an H100 machine), nothing new is queued. The model then copies each image and each
-annotation field to the GPU (``GeneralizedRCNN.preprocess_image``, ``Instances.to``) from pageable
-memory without ``non_blocking``: PyTorch synchronizes the stream after each such copy, ~3 times
-per image, so the step cannot start before the previous one has finished on the GPU.
+queues the GPU's work: while the data loader hands the batch over, nothing new is queued. The
+model then copies each image and each annotation field to the GPU
+(``GeneralizedRCNN.preprocess_image``, ``Instances.to``) from pageable memory without
+``non_blocking``: PyTorch synchronizes the stream after each such copy, several times per image,
+so the step cannot start before the previous one has finished on the GPU.
 
 ``Prefetcher`` draws the loader's batches in a thread, ``depth`` ahead (the thread runs while the
 training thread waits for the GPU: PyTorch releases the GIL there), and on a GPU pins them and
@@ -19,10 +19,9 @@ process, with the global random state that the training thread uses too: use ``d
 """
 from __future__ import annotations
 
-from transfer import d2compat  # noqa: F401  (before any detectron2 import)
-
 import queue
 import threading
+import weakref
 
 import torch
 from detectron2.structures import BitMasks, Boxes, Instances, Keypoints
@@ -52,18 +51,27 @@ class Prefetcher:
     """Iterates ``loader`` in a thread, at most ``depth`` batches ahead, and yields its batches on ``device``.
 
     An exception in the loader is raised by the iteration; an iteration that is closed (or dropped)
-    early stops its thread.
+    early stops its thread, and ``close()`` closes every iteration still open.
     """
 
     def __init__(self, loader, device, depth: int = 2):
         self.loader, self.device, self.depth = loader, torch.device(device), depth
+        self.iterations = weakref.WeakSet()
 
     def __iter__(self):
         if self.depth == 0:
-            return (to_device(batch, self.device) for batch in self.loader)
-        # The loader's iterator is made here, as without prefetching: making one draws from the
-        # global torch RNG (its base seed), which must not race with the training thread's draws.
-        return self._prefetch(iter(self.loader))
+            batches = (to_device(batch, self.device) for batch in self.loader)
+        else:
+            # The loader's iterator is made here, as without prefetching: making one draws from the
+            # global torch RNG (its base seed), which must not race with the training thread's draws.
+            batches = self._prefetch(iter(self.loader))
+        self.iterations.add(batches)
+        return batches
+
+    def close(self) -> None:
+        """Stop drawing batches: every iteration still open ends (and its thread with it)."""
+        for batches in list(self.iterations):
+            batches.close()
 
     def _prefetch(self, loader_batches):
         device = self.device

@@ -4,17 +4,16 @@
 everywhere means the new head needs a norm too (MoCo paper §4.2); the official detection code calls
 this head ``Res5ROIHeadsExtraNorm`` and configs select it with ``MODEL.ROI_HEADS.NAME``.
 
-``SyncFreeSampling``: detectron2's ROI heads sample the proposals of each image with ~9 read-backs
-of GPU values (see transfer/d2/rpn.py for why those cost time): the Matcher, boolean-mask label
-assignment, ``subsample_labels``, the logged sample counts, the polygon masks' indices. This
-sampling draws the same way with one read-back for the whole batch, and hands polygon masks on
-as ``PackedPolygons`` (their targets are rasterized on the GPU); ``SyncFreeStandardROIHeads``
-(FPN; its mask head also takes the sampled foreground as a slice) and
+``SyncFreeSampling``: detectron2's ROI heads sample the proposals of each image with several
+read-backs of GPU values (see transfer/d2/rpn.py for why those cost time): the Matcher,
+boolean-mask label assignment, ``subsample_labels``, the logged sample counts, the polygon masks'
+indices. This sampling draws the same way with one read-back for the whole batch, hands each
+image's samples on as ``SampledProposals`` (foreground first, their count known on the host) and
+polygon masks as ``PackedPolygons`` (their targets are rasterized on the GPU);
+``SyncFreeStandardROIHeads`` (FPN; its mask head also takes the sampled foreground as a slice) and
 ``SyncFreeRes5ROIHeadsExtraNorm`` (C4) are the heads above with it.
 """
 from __future__ import annotations
-
-from transfer import d2compat  # noqa: F401  (before any detectron2 import)
 
 import numpy as np
 import torch
@@ -23,10 +22,11 @@ from detectron2.layers import ShapeSpec, cat, cross_entropy, get_norm
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.proposal_generator.proposal_utils import add_ground_truth_to_proposals
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, FastRCNNOutputLayers, Res5ROIHeads, StandardROIHeads
-from detectron2.structures import PolygonMasks
+from detectron2.structures import Instances, PolygonMasks
 from detectron2.utils.events import get_event_storage
 from fvcore.nn import smooth_l1_loss
 
+from transfer import d2compat
 from transfer.d2 import step_scalars
 from transfer.d2.mask_targets import PackedPolygons, mask_targets
 from transfer.d2.pooler import SyncFreeROIPooler
@@ -39,6 +39,7 @@ class Res5ROIHeadsExtraNorm(Res5ROIHeads):
     """Res5ROIHeads whose res5 stage ends with a ``MODEL.RESNETS.NORM`` layer."""
 
     @classmethod
+    @d2compat.overrides(Res5ROIHeads)
     def _build_res5_block(cls, cfg):
         seq, out_channels = super()._build_res5_block(cfg)
         seq.add_module("norm", get_norm(cfg.MODEL.RESNETS.NORM, out_channels))
@@ -123,7 +124,7 @@ class SyncFreeSampling:
         ret["box_predictor"] = SyncFreeFastRCNNOutputLayers(cfg, ShapeSpec(channels=features))
         for name in ("pooler", "box_pooler", "mask_pooler", "keypoint_pooler"):
             if isinstance(ret.get(name), ROIPooler):
-                ret[name] = SyncFreeROIPooler.of(ret[name])
+                ret[name] = SyncFreeROIPooler(ret[name])
         return ret
 
     @torch.no_grad()
@@ -145,8 +146,7 @@ class SyncFreeSampling:
         for i, (proposals_i, targets_i) in enumerate(zip(proposals, targets)):
             fg, bg = host[i]
             keep = torch.cat([order[i, :fg], order[i, first_background:first_background + bg]])
-            sampled = proposals_i[keep]
-            sampled._num_foreground = fg  # they come first (an attribute, not a per-proposal field)
+            sampled = SampledProposals(proposals_i[keep], num_foreground=fg)
             sampled.gt_classes = classes[i][keep]
             if len(targets_i) > 0:  # as detectron2: images without objects get no gt_* fields
                 matched = matches[i][keep]
@@ -179,6 +179,19 @@ class SyncFreeSampling:
         return classes, matches
 
 
+class SampledProposals(Instances):
+    """One image's sampled proposals (detectron2's ``Instances``): the first ``num_foreground`` of
+    them are foreground, a count known on the host."""
+
+    def __init__(self, proposals: Instances, num_foreground: int):
+        super().__init__(proposals.image_size, **proposals.get_fields())
+        self._num_foreground = num_foreground  # (Instances takes a public name for a per-proposal field)
+
+    @property
+    def num_foreground(self) -> int:
+        return self._num_foreground
+
+
 def stack_padded(tensors: list[torch.Tensor], min_length: int = 0) -> torch.Tensor:
     """The tensors stacked along a new first dimension, each padded with zeros to the longest
     (and to at least ``min_length``): a few operators for the whole batch (``pad_sequence``
@@ -199,10 +212,11 @@ class SyncFreeStandardROIHeads(SyncFreeSampling, StandardROIHeads):
     ``mask_loss``.
     """
 
+    @d2compat.overrides(StandardROIHeads)
     def _forward_mask(self, features, instances):
         if not (self.training and self.mask_on):
             return super()._forward_mask(features, instances)
-        instances = [x[:x._num_foreground] for x in instances]
+        instances = [x[:x.num_foreground] for x in instances]
         if self.mask_pooler is None:
             x = {f: features[f] for f in self.mask_in_features}
         else:

@@ -5,8 +5,7 @@ GPU value back on the host: the Matcher's ``assert`` and ``nonzero``, ``subsampl
 ``nonzero``, the losses' boolean-mask indexing and the two anchor counts it logs (``.item()``).
 Each of those stops the host until the GPU has finished everything queued, and the first one
 comes right after the backbone's forward pass has been queued: from then on the host works one
-image at a time while the GPU idles (profiled on an H100 for Mask R-CNN R50-FPN at batch 16:
-GPU kernels fill less than half of a training step, with ~440 such waits per step).
+image at a time while the GPU idles (the README's "Fine-tuning speed" has the profile).
 
 ``SyncFreeRPN`` computes the same training targets and losses without a read-back:
 
@@ -20,13 +19,12 @@ GPU kernels fill less than half of a training step, with ~440 such waits per ste
   the per-image anchor counts are not logged.
 
 In training, proposal selection runs one NMS call per image instead of one per feature level
-(``select_proposals``): the same proposals with ~2 read-backs per image instead of ~19.
+(``select_proposals``): the same proposals with a couple of read-backs per image instead of one or
+more per level.
 Inference is detectron2's. Select it with ``MODEL.PROPOSAL_GENERATOR.NAME SyncFreeRPN``;
 ``tests/test_rpn.py`` checks it against RPN.
 """
 from __future__ import annotations
-
-from transfer import d2compat  # noqa: F401  (before any detectron2 import)
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +34,7 @@ from detectron2.modeling.proposal_generator import PROPOSAL_GENERATOR_REGISTRY, 
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from fvcore.nn import smooth_l1_loss
 
+from transfer import d2compat
 from transfer.d2.prefetch import to_device
 
 
@@ -109,9 +108,8 @@ def select_proposals(proposals, logits, image_sizes, nms_thresh: float, pre_nms_
                      min_box_size: float) -> list[Instances]:
     """detectron2's ``find_top_rpn_proposals`` in training, with one NMS call per image.
 
-    detectron2 runs NMS level by level (torchvision's ``batched_nms`` loops over the levels once an
-    image has over 5,000 boxes on a GPU: ~17 read-backs per image) and checks every image's boxes
-    twice.
+    detectron2 runs NMS level by level (torchvision's ``batched_nms`` loops over the levels when an
+    image has many boxes on a GPU, reading back per level) and checks every image's boxes twice.
     Here the levels are shifted apart so that one NMS call per image keeps the same boxes, boxes
     under ``min_box_size`` form a group of their own and are dropped after NMS (detectron2 drops
     them before: same result). All else, the Inf/NaN check included, works on the whole batch, not
@@ -180,9 +178,9 @@ class SyncFreeRPN(RPN):
         if not self.training:
             return super().predict_proposals(anchors, pred_objectness_logits, pred_anchor_deltas, image_sizes)
         with torch.no_grad():
-            return select_proposals(self._decode_proposals(anchors, pred_anchor_deltas), pred_objectness_logits,
-                                    image_sizes, self.nms_thresh, self.pre_nms_topk[True],
-                                    self.post_nms_topk[True], self.min_box_size)
+            proposals = d2compat.decode_proposals(self, anchors, pred_anchor_deltas)
+            return select_proposals(proposals, pred_objectness_logits, image_sizes, self.nms_thresh,
+                                    self.pre_nms_topk[True], self.post_nms_topk[True], self.min_box_size)
 
     def _subsample_batch(self, labels: torch.Tensor) -> torch.Tensor:
         """``subsample_labels`` of every image (row) at once: -1 where not sampled."""

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import copy
 
-from transfer import d2compat  # noqa: F401  (must precede detectron2 imports)
-
 import fvcore.nn.weight_init as weight_init
 import numpy as np
 import torch
@@ -135,7 +133,7 @@ class RandomScale(T.Augmentation):
 
     def __init__(self, min_scale: float, max_scale: float, interp=Image.BILINEAR):
         super().__init__()
-        self._init(locals())
+        self.min_scale, self.max_scale, self.interp = min_scale, max_scale, interp
 
     def get_transform(self, image):
         height, width = image.shape[:2]
@@ -160,7 +158,8 @@ def build_augmentation(cfg: CfgNode, is_train: bool) -> list[T.Augmentation]:
             )
         )
     if cfg.INPUT.RANDOM_FLIP != "none":
-        augs.append(T.RandomFlip(horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal", vertical=cfg.INPUT.RANDOM_FLIP == "vertical"))
+        flip = cfg.INPUT.RANDOM_FLIP
+        augs.append(T.RandomFlip(horizontal=flip == "horizontal", vertical=flip == "vertical"))
     return augs
 
 

@@ -17,16 +17,20 @@ from __future__ import annotations
 import os
 
 import numpy as np
-
-from transfer import d2compat  # noqa: F401  (before any detectron2 import)
-
 from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter, get_event_storage
 
-from transfer.d2 import evaluation, prefetch, step_scalars
-from transfer.d2 import semseg  # also registers FCNHead
+from transfer import d2compat
+from transfer.d2 import (
+    densepose,
+    evaluation,
+    prefetch,
+    semseg,  # also registers FCNHead
+    step_scalars,
+)
+from transfer.d2.checkpoint import AtomicCheckpointer
 
 
 class TrainingDiverged(RuntimeError):
@@ -58,9 +62,15 @@ def _log_losses(losses: dict[str, float], data_time: float) -> None:
 class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         super().__init__(cfg)
-        # detectron2's SimpleTrainer / AMPTrainer read each loss back here, between backward and
-        # the optimizer's step; we keep them for the step's one read-back in run_step.
-        self._trainer._write_metrics = self._keep_losses
+        loop = d2compat.training_loop(self)  # detectron2's SimpleTrainer / AMPTrainer, which runs each step
+        # It reads each loss back where it logs them, between backward and the optimizer's step; we
+        # keep them for the step's one read-back in run_step.
+        d2compat.defer_loss_logging(loop, self._keep_losses)
+        self.train_loader = loop.data_loader  # the Prefetcher of build_train_loader
+
+    def build_hooks(self):
+        self.checkpointer = AtomicCheckpointer.like(self.checkpointer)  # saves whole or not at all (checkpoint.py)
+        return super().build_hooks()
 
     def _keep_losses(self, loss_dict, data_time, prefix=""):
         self._step_losses = (loss_dict, data_time)
@@ -69,11 +79,16 @@ class Trainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         # The training data path: detectron2's mapper (decode, resize, flip) and its
         # aspect-ratio-grouped loader, drawn ahead in a thread if its workers do the mapping.
-        loader = build_detection_train_loader(cfg, mapper=_mapper(cfg, is_train=True))
+        if densepose.is_densepose(cfg):  # its loader maps the DensePose categories and dp_* annotations
+            loader = densepose.train_loader(cfg)
+        else:
+            loader = build_detection_train_loader(cfg, mapper=_mapper(cfg, is_train=True))
         return prefetch.Prefetcher(loader, cfg.MODEL.DEVICE, depth=2 if cfg.DATALOADER.NUM_WORKERS else 0)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
+        if densepose.is_densepose(cfg):
+            return densepose.test_loader(cfg, dataset_name)
         return build_detection_test_loader(cfg, dataset_name, mapper=_mapper(cfg, is_train=False))
 
     @classmethod
@@ -99,7 +114,7 @@ class Trainer(DefaultTrainer):
             self.storage.put_scalars(**{name: values[name] for name in scalars})
             if self.iter == self.max_iter - 1:
                 # Stop drawing batches ahead before precise BN and the evaluation start loaders of their own.
-                self._trainer._data_loader_iter.close()
+                self.train_loader.close()
         except FloatingPointError as e:
             # detectron2 checks the (all-reduced) loss every iteration on the main process.
             raise TrainingDiverged(

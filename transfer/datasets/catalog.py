@@ -16,15 +16,14 @@ import logging
 import os
 from pathlib import Path
 
-from transfer import d2compat  # noqa: F401  (must precede detectron2 imports)
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.cityscapes import load_cityscapes_instances, load_cityscapes_semantic
 from detectron2.data.datasets import load_coco_json, load_lvis_json, load_voc_instances  # noqa: E501
-from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 from detectron2.data.datasets.lvis import get_lvis_instances_meta
 from detectron2.data.datasets.pascal_voc import CLASS_NAMES as VOC_CLASSES
 
+from transfer import d2compat
+from transfer.d2 import densepose
 from transfer.datasets import voc_semseg
 from transfer.errors import UserError
 
@@ -64,10 +63,10 @@ VOC_SEMSEG = tuple(voc_semseg.SPLITS)  # train_aug, train, val
 
 LAYOUT_HINTS = {
     "voc": "<root>/{folder}/{{Annotations/<id>.xml, JPEGImages/<id>.jpg, ImageSets/Main/{split}.txt}} (PASCAL VOC devkit layout)",
-    "coco": "<root>/coco/{{annotations/<file>.json, train2017/, val2017/}} (COCO 2017 layout)",
-    "lvis": "<root>/lvis/lvis_v1_{{train,val}}.json and the COCO images in <root>/coco/{{train2017,val2017}}/ (LVIS layout)",
-    "cityscapes": "<root>/cityscapes/{{leftImg8bit,gtFine}}/{{train,val}}/<city>/ with *_leftImg8bit.png and "
-                  "*_gtFine_{{instanceIds,labelIds,labelTrainIds}}.png, *_gtFine_polygons.json (Cityscapes layout)",
+    "coco": "<root>/coco/{annotations/<file>.json, train2017/, val2017/} (COCO 2017 layout)",
+    "lvis": "<root>/lvis/lvis_v1_{train,val}.json and the COCO images in <root>/coco/{train2017,val2017}/ (LVIS layout)",
+    "cityscapes": "<root>/cityscapes/{leftImg8bit,gtFine}/{train,val}/<city>/ with *_leftImg8bit.png and "
+                  "*_gtFine_{instanceIds,labelIds,labelTrainIds}.png, *_gtFine_polygons.json (Cityscapes layout)",
 }
 
 
@@ -127,14 +126,14 @@ def register_all(root=None) -> Path:
         json_file, image_dir = str(root / json_file), str(root / image_dir)
         loader = _guarded(json_file, LAYOUT_HINTS["coco"], functools.partial(load_coco_json, json_file, image_dir, name))
         _register(name, loader, json_file=json_file, image_root=image_dir, evaluator_type="coco",
-                  **_get_builtin_metadata(meta_key))
+                  **d2compat.builtin_metadata(meta_key))
     for name, (image_root, json_file, meta_key) in LVIS.items():
         # load_lvis_json joins image_root + split folder as strings: keep the trailing slash
         json_file, image_root = str(root / json_file), str(root / image_root) + os.sep
         loader = _guarded(json_file, LAYOUT_HINTS["lvis"], functools.partial(load_lvis_json, json_file, image_root, name))
         _register(name, loader, json_file=json_file, image_root=image_root, evaluator_type="lvis",
                   **get_lvis_instances_meta(meta_key))
-    meta = _get_builtin_metadata("cityscapes")
+    meta = d2compat.builtin_metadata("cityscapes")
     for name, (image_dir, gt_dir) in CITYSCAPES.items():
         image_dir, gt_dir = str(root / image_dir), str(root / gt_dir)
         if "instance_seg" in name:
@@ -146,6 +145,7 @@ def register_all(root=None) -> Path:
         _register(name, _guarded(gt_dir, LAYOUT_HINTS["cityscapes"], loader), image_dir=image_dir, gt_dir=gt_dir,
                   **extra, **meta)
     voc_semseg.register(root)
+    densepose.register_datasets(root)  # COCO DensePose, when the optional DensePose project is installed
     return root
 
 
@@ -242,5 +242,7 @@ def check(dataset_names, root=None) -> None:
             _check_cityscapes(root, name)
         elif name in VOC_SEMSEG:
             voc_semseg.check(root, name)
+        elif name in densepose.DATASETS:
+            densepose.check([name], root)
         elif name not in DatasetCatalog.list():
             raise UserError(f"{name}: unknown dataset; known: {', '.join(known_names())} or a registered custom dataset")

@@ -48,8 +48,6 @@ from pathlib import Path
 
 from PIL import Image
 
-from transfer import d2compat  # noqa: F401  (must precede detectron2 imports)
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.structures import BoxMode
@@ -61,7 +59,10 @@ logger = logging.getLogger(__name__)
 
 BACKGROUND_NAMES = {"_background_", "__background__", "background", "bg"}
 SCHEDULE_NAMES = ("demo", "quick", "full")
-SCHEDULE_KEYS = {"max_iter", "steps", "base_lr", "ims_per_batch", "warmup_iters", "precise_bn_iters"}
+# A schedule of its own: the YAML's keys -> the detectron2 config keys they set
+SCHEDULE_KEYS = {"max_iter": "SOLVER.MAX_ITER", "steps": "SOLVER.STEPS", "base_lr": "SOLVER.BASE_LR",
+                 "ims_per_batch": "SOLVER.IMS_PER_BATCH", "warmup_iters": "SOLVER.WARMUP_ITERS",
+                 "precise_bn_iters": "TEST.PRECISE_BN.NUM_ITER"}
 # An annotation naming x.tif may find x.tiff, X.TIF, x.png, ... on disk: tools re-encode and rename.
 SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 IMAGE_SUFFIXES = tuple(s for suffix in SUFFIXES for s in (suffix, suffix.upper()))
@@ -109,7 +110,7 @@ class _Notes(list):
 
 
 def _log_once(notes: _Notes) -> None:
-    # A run registers its dataset at each step (plan, config, training): each line is said once.
+    # A suite and its runs read the dataset at several steps (plan, config, training): each line is said once.
     for note in dict.fromkeys(notes):
         log_once(logger, logging.WARNING if note in notes.warnings else logging.INFO, note)
 
@@ -142,9 +143,9 @@ def _whole(value, least: int) -> bool:
 def _schedule(yaml_path, value):
     if isinstance(value, str):
         return _choice(yaml_path, "schedule", value, SCHEDULE_NAMES)
-    if not (isinstance(value, dict) and set(value) <= SCHEDULE_KEYS and "max_iter" in value):
+    if not (isinstance(value, dict) and set(value) <= SCHEDULE_KEYS.keys() and "max_iter" in value):
         raise UserError(f"{yaml_path}: schedule: expected one of {list(SCHEDULE_NAMES)} or a mapping with "
-                        f"max_iter and optionally {sorted(SCHEDULE_KEYS - {'max_iter'})}")
+                        f"max_iter and optionally {sorted(SCHEDULE_KEYS.keys() - {'max_iter'})}")
     for key, least in (("max_iter", 1), ("ims_per_batch", 1), ("warmup_iters", 0), ("precise_bn_iters", 0)):
         if key in value and not _whole(value[key], least):
             raise UserError(f"{yaml_path}: schedule: {key}: expected a whole number >= {least}, got {value[key]!r}")
@@ -566,8 +567,20 @@ def _register(dataset: CustomDataset, dicts: dict) -> None:
         )
 
 
+def read_custom(yaml_path) -> CustomDataset:
+    """Validate the YAML and the data it points to; nothing is registered."""
+    return _read(yaml_path)[0]
+
+
 def register_custom(yaml_path) -> CustomDataset:
     """Validate the YAML and the data it points to, register ``<name>_train`` / ``<name>_test``."""
+    dataset, dicts = _read(yaml_path)
+    _register(dataset, dicts)
+    return dataset
+
+
+def _read(yaml_path) -> tuple[CustomDataset, dict]:
+    """The dataset and its detectron2 dicts per role (train, test)."""
     yaml_path = Path(yaml_path).resolve()
     spec = _load_yaml(yaml_path)
     name = str(spec["name"])
@@ -622,6 +635,5 @@ def register_custom(yaml_path) -> CustomDataset:
         notes=list(dict.fromkeys(notes)),  # train and test often share a file: say it once
         warnings=list(dict.fromkeys(notes.warnings)),
     )
-    _register(dataset, dicts)
     _log_once(notes)
-    return dataset
+    return dataset, dicts

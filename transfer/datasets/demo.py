@@ -2,9 +2,11 @@
 
 Nothing can be downloaded on the machines this project is tested on, so ``generate(root)`` draws
 small synthetic datasets that detectron2's own loaders and evaluators read exactly like the real
-ones. Every class is a distinct (shape, colour) pair on a textured background, at varied positions
-and scales, so a few hundred fine-tuning iterations give clearly non-zero AP / mIoU. "person"
-objects are stick figures facing the camera with the 17 COCO keypoints at their joints.
+ones. The scenes are transfer/datasets/demo_scenes.py's (every class a distinct (shape, colour)
+pair on a textured background, at varied positions and scales, so a few hundred fine-tuning
+iterations give clearly non-zero AP / mIoU); this module writes them in each dataset's format.
+``synthetic_coco`` writes COCO training data with COCO's image size and instance count, for
+timing (tools/bench_finetune.py).
 
 Layout written under ``root`` (the same as detectron2's ``$DETECTRON2_DATASETS``)::
 
@@ -23,18 +25,29 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import os
 import shutil
 import xml.etree.ElementTree as ET
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from transfer import REPO
+from transfer.datasets.demo_scenes import (
+    CITYSCAPES_THINGS,
+    COCO_LOOKS,
+    IMAGENET_LOOKS,
+    KEYPOINT_NAMES,
+    VOC_LOOKS,
+    Cycle,
+    background,
+    cityscapes_stuff,
+    render_scene,
+    to_uint8,
+)
 from transfer.errors import UserError
 from transfer.fileio import atomic_write_json
 
@@ -51,9 +64,7 @@ DATASET_NAMES = (
     "cityscapes_fine_sem_seg_train", "cityscapes_fine_sem_seg_val",
     "voc_2012_sem_seg_train", "voc_2012_sem_seg_val",
 )
-DEFAULT_ROOT = Path(
-    os.environ.get("MOCO_TRANSFER_DEMO") or Path(__file__).resolve().parents[2] / "datasets" / "demo"
-)
+DEFAULT_ROOT = Path(os.environ.get("MOCO_TRANSFER_DEMO") or REPO / "datasets" / "demo")
 
 # How much of each dataset to draw: small enough for CPU tests, big enough to learn from.
 SIZES = {
@@ -64,242 +75,20 @@ SIZES = {
     "cityscapes": {"image": (256, 128), "train": {"aachen": 12, "bremen": 12}, "val": {"frankfurt": 8}},
 }
 
-# ---------------------------------------------------------------------------------------------
-# What each class looks like: (shape, RGB colour, width / height).
-COLOURS = {
-    "white": (235, 235, 235), "black": (25, 25, 25), "red": (210, 30, 30), "green": (30, 170, 60),
-    "blue": (40, 80, 220), "yellow": (235, 210, 30), "orange": (240, 130, 20),
-    "purple": (140, 50, 180), "cyan": (40, 200, 220), "magenta": (230, 60, 170),
-    "brown": (130, 80, 40),
-}
-VOC_LOOKS = {
-    "aeroplane": ("cross", "white", 1.0), "bicycle": ("diamond", "cyan", 1.0),
-    "bird": ("triangle", "yellow", 1.0), "boat": ("trapezoid", "brown", 1.6),
-    "bottle": ("square", "green", 0.4), "bus": ("square", "orange", 2.0),
-    "car": ("square", "red", 2.0), "cat": ("circle", "orange", 1.0),
-    "chair": ("square", "brown", 1.0), "cow": ("hexagon", "black", 1.0),
-    "diningtable": ("square", "brown", 2.0), "dog": ("circle", "brown", 1.0),
-    "horse": ("arrow", "brown", 1.0), "motorbike": ("diamond", "purple", 1.0),
-    "person": ("figure", "blue", 0.55), "pottedplant": ("star", "green", 1.0),
-    "sheep": ("circle", "white", 1.0), "sofa": ("trapezoid", "magenta", 1.6),
-    "train": ("square", "blue", 2.0), "tvmonitor": ("square", "black", 1.0),
-}
-# The COCO classes present in the demo (the json still lists all 80), and the LVIS v1 category
-# each is labelled with in the LVIS files: frequent, common and rare ones, so APr/APc/APf exist.
-COCO_LOOKS = {
-    "person": ("figure", "blue", 0.55), "car": ("square", "red", 2.0),
-    "kite": ("diamond", "cyan", 1.0), "clock": ("circle", "white", 1.0),
-    "stop sign": ("octagon", "red", 1.0), "bottle": ("square", "green", 0.4),
-    "tie": ("triangle", "purple", 1.0), "book": ("square", "yellow", 1.0),
-}
+# The LVIS v1 category each COCO class of the demo is labelled with in the LVIS files: frequent,
+# common and rare ones, so APr/APc/APf exist.
 COCO_TO_LVIS = {
     "person": "person", "car": "car_(automobile)", "kite": "kite", "clock": "clock",
     "stop sign": "stop_sign", "bottle": "bottle", "tie": "pennant", "book": "cube",
 }
-IMAGENET_LOOKS = {
-    f"{colour}_{shape}": (shape, colour, aspect)
-    for shape, colour, aspect in [
-        ("circle", "red", 1.0), ("square", "green", 1.0), ("triangle", "blue", 1.0),
-        ("diamond", "yellow", 1.0), ("hexagon", "magenta", 1.0), ("star", "orange", 1.0),
-        ("cross", "cyan", 1.0), ("octagon", "purple", 1.0), ("square", "white", 0.4),
-        ("arrow", "black", 1.0),
-    ]
-}
-# Cityscapes: real label names (ids come from cityscapesscripts' label table).
-CITYSCAPES_THINGS = {
-    "person": ("figure", (220, 20, 60), 0.45), "rider": ("figure", (255, 200, 0), 0.45),
-    "car": ("square", (0, 0, 142), 2.0), "bicycle": ("diamond", (0, 160, 160), 1.4),
-}
-
-
-def _regular(n, phase=0.0, radius=1.0):
-    return [(radius * math.sin(phase + 2 * math.pi * k / n), -radius * math.cos(phase + 2 * math.pi * k / n)) for k in range(n)]
-
-
-def _star(points=5, inner=0.45):
-    outer, inner_pts = _regular(points), _regular(points, math.pi / points, inner)
-    return [p for pair in zip(outer, inner_pts) for p in pair]
-
-
-# Outlines in a unit box [-1, 1]^2 (y down).
-SHAPES = {
-    "circle": _regular(32),
-    "square": [(-1, -1), (1, -1), (1, 1), (-1, 1)],
-    "triangle": [(0, -1), (1, 1), (-1, 1)],
-    "diamond": [(0, -1), (1, 0), (0, 1), (-1, 0)],
-    "hexagon": _regular(6),
-    "octagon": _regular(8, math.pi / 8),
-    "star": _star(),
-    "cross": [(-0.35, -1), (0.35, -1), (0.35, -0.35), (1, -0.35), (1, 0.35), (0.35, 0.35),
-              (0.35, 1), (-0.35, 1), (-0.35, 0.35), (-1, 0.35), (-1, -0.35), (-0.35, -0.35)],
-    "trapezoid": [(-0.55, -1), (0.55, -1), (1, 1), (-1, 1)],
-    "arrow": [(-1, -0.3), (0.2, -0.3), (0.2, -0.9), (1, 0), (0.2, 0.9), (0.2, 0.3), (-1, 0.3)],
-}
-
-# COCO's 17 person keypoints, as fractions of the figure's height, relative to the top centre.
-# The figure faces the camera, so the person's left side is on the image's right (+x).
-KEYPOINT_NAMES = (
-    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
-    "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip",
-    "left_knee", "right_knee", "left_ankle", "right_ankle",
-)
+# COCO's person skeleton: pairs of KEYPOINT_NAMES (1-based), as in person_keypoints_*.json.
 COCO_SKELETON = [[16, 14], [14, 12], [17, 15], [15, 13], [12, 13], [6, 12], [7, 13], [6, 7], [6, 8],
                  [7, 9], [8, 10], [9, 11], [2, 3], [1, 2], [1, 3], [2, 4], [3, 5], [4, 6], [5, 7]]
-_FIGURE_JOINTS = {
-    "nose": (0.0, 0.10), "left_eye": (0.035, 0.08), "right_eye": (-0.035, 0.08),
-    "left_ear": (0.075, 0.10), "right_ear": (-0.075, 0.10),
-    "left_shoulder": (0.14, 0.25), "right_shoulder": (-0.14, 0.25),
-    "left_elbow": (0.20, 0.41), "right_elbow": (-0.20, 0.41),
-    "left_wrist": (0.23, 0.56), "right_wrist": (-0.23, 0.56),
-    "left_hip": (0.08, 0.55), "right_hip": (-0.08, 0.55),
-    "left_knee": (0.10, 0.75), "right_knee": (-0.10, 0.75),
-    "left_ankle": (0.11, 0.96), "right_ankle": (-0.11, 0.96),
-}
-_LIMBS = [("left_shoulder", "left_elbow"), ("left_elbow", "left_wrist"),
-          ("right_shoulder", "right_elbow"), ("right_elbow", "right_wrist"),
-          ("left_hip", "left_knee"), ("left_knee", "left_ankle"),
-          ("right_hip", "right_knee"), ("right_knee", "right_ankle")]
-_MOVABLE = {"left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_knee", "right_knee",
-            "left_ankle", "right_ankle"}
 
 
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class DrawnObject:
-    label: str
-    mask: np.ndarray  # bool, H x W
-    keypoints: list | None = None  # 17 x (x, y) pixel indices, for figures
-
-    def box_xyxy(self):
-        ys, xs = np.nonzero(self.mask)
-        return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
-
-    def polygons(self, min_points=3):
-        """Outer contours of the mask as [[x0, y0, x1, y1, ...], ...] (COCO / Cityscapes polygons)."""
-        contours, _ = cv2.findContours(self.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        return [c.reshape(-1).tolist() for c in contours if len(c) >= min_points]
-
-
-def _background(rng, width, height):
-    """A muted, low-saturation texture: base grey + tint, a smooth gradient, blotches and grain."""
-    base = rng.uniform(85, 165) + rng.uniform(-18, 18, size=3)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    angle = rng.uniform(0, 2 * math.pi)
-    ramp = (np.cos(angle) * xx / width + np.sin(angle) * yy / height)[..., None] * rng.uniform(-35, 35)
-    blotches = rng.normal(0, 14, size=(6, 6, 3)).astype(np.float32)
-    blotches = cv2.resize(blotches, (width, height), interpolation=cv2.INTER_CUBIC)
-    grain = rng.normal(0, 6, size=(height, width, 3))
-    return base + ramp + blotches + grain
-
-
-def _paint(canvas, mask, colour, rng):
-    """Fill ``mask`` with ``colour``, with a per-object brightness shift and some grain."""
-    shift = rng.uniform(-18, 18)
-    grain = rng.normal(0, 8, size=(int(mask.sum()), 3))
-    canvas[mask] = np.asarray(colour, dtype=np.float64) + shift + grain
-
-
-def _to_uint8(canvas):
-    return np.clip(canvas, 0, 255).astype(np.uint8)
-
-
-def _polygon_mask(points, width, height):
-    img = Image.new("L", (width, height), 0)
-    ImageDraw.Draw(img).polygon([tuple(p) for p in points], fill=1)
-    return np.asarray(img, dtype=bool)
-
-
-def _draw_shape(shape, cx, cy, h, aspect, angle, width, height):
-    w = h * aspect
-    unit = np.asarray(SHAPES[shape], dtype=np.float64) * [w / 2, h / 2]
-    c, s = math.cos(angle), math.sin(angle)
-    points = unit @ np.array([[c, s], [-s, c]]) + [cx, cy]
-    return _polygon_mask(points.tolist(), width, height)
-
-
-def _draw_figure(cx, cy, h, rng, width, height):
-    """A stick figure facing the camera; returns its mask and its 17 keypoints (pixel indices)."""
-    top = cy - h / 2
-    joints = {}
-    for name, (dx, dy) in _FIGURE_JOINTS.items():
-        jitter = rng.normal(0, 0.035, size=2) if name in _MOVABLE else (0.0, 0.0)
-        joints[name] = (cx + (dx + jitter[0]) * h, top + (dy + jitter[1]) * h)
-    img = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(img)
-    r = 0.085 * h
-    hx, hy = joints["nose"]
-    draw.ellipse([hx - r, hy - r, hx + r, hy + r], fill=1)
-    neck = 0.03 * h
-    draw.polygon([(hx - neck, hy), (hx + neck, hy), joints["left_shoulder"], joints["right_shoulder"]], fill=1)
-    draw.polygon([joints["left_shoulder"], joints["right_shoulder"], joints["right_hip"], joints["left_hip"]], fill=1)
-    limb = max(2, int(round(0.06 * h)))
-    for a, b in _LIMBS:
-        draw.line([joints[a], joints[b]], fill=1, width=limb)
-        for p in (joints[a], joints[b]):  # round joints
-            draw.ellipse([p[0] - limb / 2, p[1] - limb / 2, p[0] + limb / 2, p[1] + limb / 2], fill=1)
-    keypoints = [(int(round(joints[n][0])), int(round(joints[n][1]))) for n in KEYPOINT_NAMES]
-    keypoints = [(min(max(x, 0), width - 1), min(max(y, 0), height - 1)) for x, y in keypoints]
-    return np.asarray(img, dtype=bool), keypoints
-
-
-def render_scene(rng, width, height, labels, looks, size_range=(0.3, 0.6), region=None, canvas=None):
-    """Place one object per label (no overlaps) on a background; returns (uint8 image, objects).
-
-    ``region`` (x0, y0, x1, y1) restricts object centres; ``canvas`` replaces the plain background.
-    """
-    if canvas is None:
-        canvas = _background(rng, width, height)
-    x0, y0, x1, y1 = region or (0, 0, width, height)
-    occupied = np.zeros((height, width), dtype=bool)
-    objects = []
-    for label in labels:
-        shape, colour, aspect = looks[label]
-        colour = COLOURS.get(colour, colour)
-        for _ in range(40):  # rejection sampling: keep objects apart and inside the image
-            # size_range is the object's longer side, as a fraction of the image's shorter side
-            h = rng.uniform(*size_range) * min(width, height) / max(aspect, 1.0)
-            angle = 0.0 if shape in ("circle", "figure") else rng.uniform(-0.35, 0.35)
-            c, s = abs(math.cos(angle)), abs(math.sin(angle))
-            half_w, half_h = 0.5 * (h * aspect * c + h * s), 0.5 * (h * aspect * s + h * c)
-            if shape == "figure":  # limbs may swing a little outside the nominal box
-                half_w += 0.05 * h
-            lo_x, hi_x = max(x0, half_w + 1), min(x1, width - half_w - 1)
-            lo_y, hi_y = max(y0, half_h + 1), min(y1, height - half_h - 1)
-            if lo_x >= hi_x or lo_y >= hi_y:
-                continue
-            cx, cy = rng.uniform(lo_x, hi_x), rng.uniform(lo_y, hi_y)
-            if shape == "figure":
-                mask, keypoints = _draw_figure(cx, cy, h, rng, width, height)
-            else:
-                mask, keypoints = _draw_shape(shape, cx, cy, h, aspect, angle, width, height), None
-            grown = cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
-            if mask.sum() < 30 or (grown & occupied).any():
-                continue
-            occupied |= grown
-            _paint(canvas, mask, colour, rng)
-            objects.append(DrawnObject(label, mask, keypoints))
-            break
-    return _to_uint8(canvas), objects
-
-
-class _Cycle:
-    """Hands out class names round-robin (shuffled per round) so every class appears in every split."""
-
-    def __init__(self, names, rng):
-        self.names, self.rng, self.queue = list(names), rng, []
-
-    def take(self, n):
-        out = []
-        while len(out) < n:
-            if not self.queue:
-                self.queue = list(self.rng.permutation(self.names))
-            out.append(self.queue.pop())
-        return out
-
-
-def _save_jpeg(path, array):
+def _save_jpeg(path, array, quality=92):
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path, quality=92)
+    Image.fromarray(array).save(path, quality=quality)
 
 
 def _write_json(path, obj):
@@ -382,7 +171,7 @@ def write_voc(root: Path, year: int, rng) -> None:
     width, height = spec["image"]
     names = list(VOC_LOOKS)
     base = root / f"VOC{year}"
-    cycle = _Cycle(names, rng)
+    cycle = Cycle(names, rng)
     if year == 2007:
         ids = [f"{i + 1:06d}" for i in range(spec["trainval"] + spec["test"])]
         order = rng.permutation(len(ids))  # real VOC interleaves trainval and test ids
@@ -416,14 +205,19 @@ def write_voc(root: Path, year: int, rng) -> None:
 
 
 def coco_categories():
-    from transfer import d2compat  # noqa: F401
     from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
     return [{"supercategory": "demo", "id": c["id"], "name": c["name"]} for c in COCO_CATEGORIES if c["isthing"]]
 
 
+def _coco_annotation(obj, annotation_id: int, image_id: int, category_id: int) -> dict:
+    """A drawn object as a COCO instance annotation: its outline polygons, mask area and box."""
+    x0, y0, x1, y1 = obj.box_xyxy()
+    return {"id": annotation_id, "image_id": image_id, "category_id": category_id, "segmentation": obj.polygons(),
+            "area": float(obj.mask.sum()), "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1], "iscrowd": 0}
+
+
 def write_coco_and_lvis(root: Path, rng) -> None:
-    from transfer import d2compat  # noqa: F401
     from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
 
     spec = SIZES["coco"]
@@ -431,7 +225,7 @@ def write_coco_and_lvis(root: Path, rng) -> None:
     categories = coco_categories()
     coco_id = {c["name"]: c["id"] for c in categories}
     lvis_id = {c["name"]: c["id"] for c in LVIS_CATEGORIES}
-    others = _Cycle([n for n in COCO_LOOKS if n != "person"], rng)
+    others = Cycle([n for n in COCO_LOOKS if n != "person"], rng)
     first_id = {"train2017": 1, "val2017": 500001}
     scenes = {}
     for split in ("train2017", "val2017"):
@@ -449,11 +243,7 @@ def write_coco_and_lvis(root: Path, rng) -> None:
                            "date_captured": "2026-11-22 00:00:00"})
             present = set()
             for obj in objects:
-                x0, y0, x1, y1 = obj.box_xyxy()
-                ann = {"id": len(anns) + first_id[split] * 10, "image_id": image_id,
-                       "category_id": coco_id[obj.label], "segmentation": obj.polygons(),
-                       "area": float(obj.mask.sum()), "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1],
-                       "iscrowd": 0}
+                ann = _coco_annotation(obj, len(anns) + first_id[split] * 10, image_id, coco_id[obj.label])
                 anns.append(ann)
                 if obj.keypoints is not None:
                     flat = [v for x, y in obj.keypoints for v in (x, y, 2)]
@@ -494,21 +284,30 @@ def write_coco_and_lvis(root: Path, rng) -> None:
                      "categories": lvis_categories})
 
 
-def _cityscapes_stuff(rng, width, height):
-    """Background polygons in drawing order (later ones cover earlier ones), Cityscapes label names."""
-    horizon = int(height * rng.uniform(0.4, 0.55))
-    stuff = [("sky", [(0, 0), (width - 1, 0), (width - 1, horizon), (0, horizon)])]
-    x = 0
-    while x < width - 1:  # a skyline of buildings and trees
-        w = int(rng.integers(width // 8, width // 3))
-        top = int(rng.integers(height // 12, horizon - 4))
-        label = "building" if rng.random() < 0.7 else "vegetation"
-        stuff.append((label, [(x, top), (min(x + w, width - 1), top), (min(x + w, width - 1), horizon), (x, horizon)]))
-        x += w
-    stuff.append(("road", [(0, horizon), (width - 1, horizon), (width - 1, height - 1), (0, height - 1)]))
-    walk = int(rng.integers(height // 16, height // 8))
-    stuff.append(("sidewalk", [(0, horizon), (width - 1, horizon), (width - 1, horizon + walk), (0, horizon + walk)]))
-    return horizon, stuff
+def synthetic_coco(root, num_images: int = 64, size=(640, 480), objects=(4, 11), seed: int = 0) -> Path:
+    """``root/coco`` in the COCO 2017 train layout with COCO's load, for speed only: 640 x 480 JPEGs
+    with 4-10 polygon instances each (COCO train averages 7.3). The built-in demo images are much
+    smaller and emptier, which would under-count per-instance work such as mask targets. Idempotent
+    (the annotations are written last)."""
+    root = Path(root)
+    annotations = root / "coco" / "annotations" / "instances_train2017.json"
+    if annotations.exists():
+        return root
+    rng = np.random.default_rng(seed)
+    names = list(COCO_LOOKS)
+    categories = coco_categories()
+    category = {c["name"]: c["id"] for c in categories}
+    width, height = size
+    images, anns = [], []
+    for image_id in range(1, num_images + 1):
+        labels = list(rng.choice(names, int(rng.integers(*objects))))
+        pixels, drawn = render_scene(rng, width, height, labels, COCO_LOOKS, size_range=(0.1, 0.45))
+        file_name = f"{image_id:012d}.jpg"
+        _save_jpeg(root / "coco" / "train2017" / file_name, pixels, quality=90)
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+        anns.extend(_coco_annotation(obj, len(anns) + 1, image_id, category[obj.label]) for obj in drawn)
+    _write_json(annotations, {"images": images, "annotations": anns, "categories": categories})
+    return root
 
 
 def write_cityscapes(root: Path, rng) -> None:
@@ -519,12 +318,12 @@ def write_cityscapes(root: Path, rng) -> None:
 
     spec = SIZES["cityscapes"]
     width, height = spec["image"]
-    cycle = _Cycle(list(CITYSCAPES_THINGS), rng)
+    cycle = Cycle(list(CITYSCAPES_THINGS), rng)
     for split in ("train", "val"):
         for city, count in spec[split].items():
             for frame in range(count):
                 stem = f"{city}_{frame:06d}_000019"
-                horizon, stuff = _cityscapes_stuff(rng, width, height)
+                horizon, stuff = cityscapes_stuff(rng, width, height)
                 labels = cycle.take(int(rng.integers(2, 5)))
                 _, things = render_scene(rng, width, height, labels, CITYSCAPES_THINGS, size_range=(0.25, 0.5),
                                           region=(0, horizon + 8, width, height), canvas=np.zeros((height, width, 3)))
@@ -545,7 +344,7 @@ def write_cityscapes(root: Path, rng) -> None:
                 instance_ids = createInstanceImage(annotation, "ids")
                 instance_ids.save(gt_dir / f"{stem}_gtFine_instanceIds.png")
                 # The photo: each stuff region / instance in its label colour, textured.
-                canvas = _background(rng, width, height) * 0.25
+                canvas = background(rng, width, height) * 0.25
                 ids = np.asarray(instance_ids, dtype=np.int64)
                 for value in np.unique(ids):
                     label = id2label[int(value // 1000 if value >= 1000 else value)]
@@ -554,7 +353,7 @@ def write_cityscapes(root: Path, rng) -> None:
                     canvas[region] += 0.75 * np.asarray(colour, dtype=np.float64) + rng.uniform(-12, 12)
                 image_dir = root / "cityscapes" / "leftImg8bit" / split / city
                 image_dir.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(_to_uint8(canvas)).save(image_dir / f"{stem}_leftImg8bit.png")
+                Image.fromarray(to_uint8(canvas)).save(image_dir / f"{stem}_leftImg8bit.png")
 
 
 # ---------------------------------------------------------------------------------------------

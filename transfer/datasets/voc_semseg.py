@@ -23,8 +23,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from transfer import d2compat  # noqa: F401  (must precede detectron2 imports)
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from transfer.errors import UserError

@@ -4,7 +4,9 @@ A ``Task`` names its detectron2 config file, its datasets, the evaluator kind, t
 metrics to keep, its schedules and the rows of results/published_results.csv it compares with.
 Every module of this package registers its entries when imported (detection.py: VOC, COCO,
 LVIS, Cityscapes; semantic.py: semantic segmentation); a custom dataset becomes a task from its
-YAML file (custom.py), so ``get_task`` accepts a path to one too.
+YAML file (custom.py), so ``get_task`` accepts a path to one too (``is_custom_task``). Looking a
+task up registers no dataset: a process registers the datasets it is about to read
+(``transfer.finetune.register_datasets``).
 
 Schedules: ``full`` is the paper's, as written in the config file; ``quick`` trains a fixed
 fraction of it (iterations and LR steps scaled) for a sanity check on one GPU; ``demo`` lays a
@@ -18,14 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from transfer import REPO
 from transfer.errors import UserError
 
-REPO = Path(__file__).resolve().parents[2]
 QUICK_FRACTION = 1 / 8
 # The MoCo paper's protocol: the whole backbone fine-tuned with its BN trained (SyncBN / naiveSyncBN).
 DEFAULT_PROTOCOL = "fine-tune"
 # Scaling the batch down for memory stops here: BN statistics over fewer images are not the paper's.
 MIN_BN_GROUP = 8
+# The demo schedule's overlays (configs/schedules/) of the detection model families.
+DEMO = {"C4": "configs/schedules/demo_c4.yaml", "FPN": "configs/schedules/demo.yaml"}
+CUSTOM_SUFFIXES = (".yaml", ".yml")  # a --task ending so is a custom dataset's YAML file
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,9 @@ class Task:
     # the fine-tuning protocol, as the "protocol" column of published_results.csv names it: a
     # published number is compared only with runs of the same protocol
     protocol: str = DEFAULT_PROTOCOL
+    # "module:function()" that raises the one line saying how to install an optional dependency
+    # when it is missing (DensePose); such a task runs only when named, never in ``all``
+    requires: str | None = None
 
     @property
     def config_path(self) -> Path:
@@ -87,9 +95,31 @@ def register(task: Task) -> Task:
     return task
 
 
+def require(task: Task) -> None:
+    """Fail with one line when the task needs an optional dependency that is not installed."""
+    if task.requires:
+        module, _, function = task.requires.partition(":")
+        getattr(importlib.import_module(module), function)()
+
+
+def installed(task: Task) -> bool:
+    """Whether the task can run here: its optional dependency, if it has one, is installed."""
+    try:
+        require(task)
+    except UserError:
+        return False
+    return True
+
+
+def is_custom_task(name) -> bool:
+    """Whether a task name is a custom dataset's YAML file rather than a registered task."""
+    return str(name).endswith(CUSTOM_SUFFIXES)
+
+
 def get_task(name) -> Task:
-    """A registered task by name, or the custom task a dataset YAML file describes."""
-    if str(name).endswith((".yaml", ".yml")):
+    """A registered task by name, or the custom task a dataset YAML file describes (its data is
+    read and checked, not registered)."""
+    if is_custom_task(name):
         from transfer.tasks.custom import task_from_yaml
 
         return task_from_yaml(name)
@@ -114,12 +144,13 @@ def family(name: str) -> tuple[str, ...] | None:
 
     ``all`` is every registered task of the paper's protocol except those other tasks fall back
     to: a fallback runs in place of its task when the task's data is missing, never beside it,
-    and a protocol variant (frozen BN, ...) is run when named.
+    and a protocol variant (frozen BN, ...) or a task with an optional dependency (DensePose) is
+    run when named.
     """
     if name == ALL:
         fallbacks = {task.fallback for task in TASKS.values()}
         return tuple(name for name, task in TASKS.items()
-                     if name not in fallbacks and task.protocol == DEFAULT_PROTOCOL)
+                     if name not in fallbacks and task.protocol == DEFAULT_PROTOCOL and not task.requires)
     return FAMILIES.get(name)
 
 
@@ -134,23 +165,21 @@ def _missing(task: Task, datasets_root) -> str | None:
     return None
 
 
-def resolve_fallback(task: Task, datasets_root) -> Task:
-    """The task that runs: its ``fallback`` when only the fallback's datasets are on disk, else itself.
+def task_that_runs(task: Task, datasets_root) -> tuple[Task, str | None]:
+    """The task that runs in place of ``task``, and the line saying why when that is not ``task``.
 
-    With neither on disk the task itself comes back, so the datasets check names its files.
+    Its ``fallback`` runs when only the fallback's datasets are on disk; with neither on disk the
+    task itself runs, so that the datasets check names its files.
     """
-    if not task.fallback or _missing(task, datasets_root) is None:
-        return task
+    why = _missing(task, datasets_root) if task.fallback else None
+    if why is None:
+        return task, None
     fallback = get_task(task.fallback)
-    return fallback if _missing(fallback, datasets_root) is None else task
-
-
-def fallback_note(task: Task, ran: Task, datasets_root) -> str:
-    """One line saying that ``ran`` runs in place of ``task``, and why."""
-    why = (_missing(task, datasets_root) or "its datasets are missing").split(";")[0]
+    if _missing(fallback, datasets_root) is not None:
+        return task, None
     # Published numbers are kept per task: a fallback without its own cannot be compared.
-    caveat = "" if ran.reference else f"; not comparable with the paper's {task.name}"
-    return f"{task.name}: {why}, so running {ran.name} ({ran.description}{caveat})"
+    caveat = "" if fallback.reference else f"; not comparable with the paper's {task.name}"
+    return fallback, f"{task.name}: {why.split(';')[0]}, so running {fallback.name} ({fallback.description}{caveat})"
 
 
 # Every module of this package holds entries: importing it registers them.

@@ -11,14 +11,10 @@ the task's default; the class count comes from the data. A schedule of its own t
 """
 from __future__ import annotations
 
-from transfer.tasks import REPO, Schedule, Task, standard_schedules
+from transfer import REPO
+from transfer.tasks import DEMO, Schedule, Task, standard_schedules
 
 CONFIGS = {"C4": "configs/detection/custom_R_50_C4.yaml", "FPN": "configs/detection/custom_R_50_FPN.yaml"}
-DEMO = {"C4": "configs/schedules/demo_c4.yaml", "FPN": "configs/schedules/demo.yaml"}
-# the dataset YAML's schedule keys -> detectron2 config keys
-SCHEDULE_KEYS = {"max_iter": "SOLVER.MAX_ITER", "steps": "SOLVER.STEPS", "base_lr": "SOLVER.BASE_LR",
-                 "ims_per_batch": "SOLVER.IMS_PER_BATCH", "warmup_iters": "SOLVER.WARMUP_ITERS",
-                 "precise_bn_iters": "TEST.PRECISE_BN.NUM_ITER"}
 
 
 def yaml_schedule(yaml_path) -> str | None:
@@ -39,6 +35,8 @@ def image_size_settings(cfg, size: int) -> dict:
 
 
 def _custom_schedule(schedule: dict, yaml_path: str) -> Schedule:
+    from transfer.datasets.custom import SCHEDULE_KEYS
+
     settings = {SCHEDULE_KEYS[k]: tuple(v) if k == "steps" else v for k, v in schedule.items()}
     if settings.get("TEST.PRECISE_BN.NUM_ITER") == 0:  # 0: no precise BN at all
         del settings["TEST.PRECISE_BN.NUM_ITER"]
@@ -47,11 +45,12 @@ def _custom_schedule(schedule: dict, yaml_path: str) -> Schedule:
 
 
 def task_from_yaml(yaml_path) -> Task:
-    """Register the dataset the YAML describes (checking it) and return its task."""
+    """The task of the dataset the YAML describes, once the YAML and its data are checked; the
+    dataset is not registered (``transfer.datasets.custom.register_custom`` does that)."""
     from transfer.d2.config import get_cfg, merge_config_file
-    from transfer.datasets.custom import register_custom
+    from transfer.datasets.custom import read_custom
 
-    dataset = register_custom(yaml_path)
+    dataset = read_custom(yaml_path)
     schedules = standard_schedules(DEMO[dataset.model])
     default = dataset.schedule
     if isinstance(dataset.schedule, dict):
@@ -68,6 +67,7 @@ def task_from_yaml(yaml_path) -> Task:
         name=str(dataset.yaml_path), config=CONFIGS[dataset.model],
         train=(dataset.train_dataset,), test=(dataset.test_dataset,), evaluator=dataset.evaluator_type,
         metrics=("APbb", "APbb50", "APbb75", *masks), schedules=schedules,
-        description=f"custom {dataset.format} dataset {dataset.name} ({dataset.num_classes} classes), R50-{dataset.model}",
+        description=f"custom {dataset.format} dataset {dataset.name} ({dataset.num_classes} classes), "
+                    f"R50-{dataset.model}",
         overrides=overrides, default_schedule=default, notes=tuple(dataset.notes),
     )

@@ -1,24 +1,23 @@
 """Detection, instance segmentation and keypoint tasks of the MoCo paper (§4.2, Tables 2-6)."""
 from dataclasses import replace
 
-from transfer.tasks import Task, register, standard_schedules
+from transfer.tasks import DEMO, Task, register, standard_schedules
 
 VOC_METRICS = ("AP", "AP50", "AP75")
 COCO_METRICS = ("APbb", "APbb50", "APbb75", "APmk", "APmk50", "APmk75")
-DEMO = {"C4": "configs/schedules/demo_c4.yaml", "FPN": "configs/schedules/demo.yaml"}
 DEMO_LVIS = "configs/schedules/demo_lvis.yaml"
 LVIS_METRICS = ("APmk", "APmk50", "APmk75", "APr", "APc", "APf", "APbb")
 
 register(Task(
     name="voc07+12", config="configs/detection/pascal_voc_R_50_C4_24k.yaml",
     train=("voc_2007_trainval", "voc_2012_trainval"), test=("voc_2007_test",), evaluator="voc",
-    metrics=VOC_METRICS, schedules=standard_schedules("configs/schedules/demo_c4.yaml"),
+    metrics=VOC_METRICS, schedules=standard_schedules(DEMO["C4"]),
     reference=("voc_det", "24k"), description="Faster R-CNN R50-C4, VOC07+12 trainval -> VOC07 test, 24k",
 ))
 register(Task(
     name="voc07", config="configs/detection/pascal_voc07_R_50_C4_9k.yaml",
     train=("voc_2007_trainval",), test=("voc_2007_test",), evaluator="voc",
-    metrics=VOC_METRICS, schedules=standard_schedules("configs/schedules/demo_c4.yaml"),
+    metrics=VOC_METRICS, schedules=standard_schedules(DEMO["C4"]),
     reference=("voc07_det", "9k"), description="Faster R-CNN R50-C4, VOC07 trainval -> VOC07 test, 9k",
 ))
 for model, family in (("c4", "C4"), ("fpn", "FPN")):
