@@ -13,6 +13,16 @@ import transfer  # noqa: F401  (before any test module imports detectron2: trans
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests need a CUDA device: skipped, saying so, on a machine without one."""
+    if torch.cuda.is_available():
+        return
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(no_gpu)
+
+
 def load_script(path):
     """A script of the repository (``tools/run_suite.py``, ...) imported as a module, not run."""
     spec = importlib.util.spec_from_file_location(Path(path).stem, REPO / path)

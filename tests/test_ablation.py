@@ -11,6 +11,8 @@ from transfer.pretrain import ablation, config, engine
 
 from conftest import load_script
 
+pytestmark = pytest.mark.slow  # trains, evaluates or runs tools on generated data: not in `make test-fast`
+
 # v2 at toy scale: 24 images, batch 8 (3 steps per epoch), 32 px, ResNet-18, on the CPU
 TINY = dict(device="cpu", arch="resnet18", moco_k=24, batch_size=8, epochs=1, image_size=32, workers=0, bn_splits=2,
             print_freq=1, monitor_every=1, knn_k=5, consistency_keys=16)

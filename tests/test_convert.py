@@ -20,6 +20,8 @@ from torch import nn
 from transfer.convert import backbone_from_overlay, convert, load_overlay, verify, weights_settings
 from transfer.errors import UserError
 
+pytestmark = pytest.mark.slow  # trains, evaluates or runs tools on generated data: not in `make test-fast`
+
 REPO = Path(__file__).resolve().parents[1]
 # torchvision's ImageNet input normalisation, for pixels in 0..1 (the ground truth the overlay must match)
 TV_MEAN, TV_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -25,6 +25,8 @@ from transfer.errors import UserError
 
 from conftest import load_script
 
+pytestmark = pytest.mark.slow  # trains, evaluates or runs tools on generated data: not in `make test-fast`
+
 LOOKS = {"cat": ("circle", "orange", 1.0), "dog": ("square", "brown", 1.0), "kite": ("diamond", "cyan", 1.0)}
 
 

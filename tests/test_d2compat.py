@@ -53,6 +53,7 @@ def test_compiled_ops_stand_in_answers_setup_queries_and_names_missing_ops():
     assert d2compat.coco_fast_eval_available() is False
 
 
+@pytest.mark.slow
 def test_detectron2_builds_and_runs_a_model_zoo_model_on_cpu():
     import torch
     from detectron2 import model_zoo
@@ -86,6 +87,7 @@ print(d2compat.PATCHED, Checkpointer._load_file._own_checkpoints_trusted,
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first", sorted(FIRST))
 def test_a_fresh_process_gets_the_patches_whatever_it_imports_first(first):
     run = subprocess.run([sys.executable, "-c", FIRST[first] + "\n" + CHECK], cwd=REPO, capture_output=True,
@@ -146,6 +148,7 @@ def test_a_missing_or_changed_internal_is_one_line_naming_it_and_the_version():
                 return {}
 
 
+@pytest.mark.slow
 def test_a_tool_run_without_detectron2_says_to_run_make_setup_in_one_line(tmp_path):
     hide = ("import runpy, sys; sys.modules['detectron2'] = None; "
             "sys.argv = ['tools/finetune.py', '--task', 'voc07', '--weights', 'w.pkl', '--output', sys.argv[1]]; "

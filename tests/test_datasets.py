@@ -28,6 +28,8 @@ from transfer.errors import UserError
 
 from conftest import load_script
 
+pytestmark = pytest.mark.slow  # trains, evaluates or runs tools on generated data: not in `make test-fast`
+
 SIZES = demo.SIZES
 
 

@@ -32,6 +32,7 @@ def test_the_task_resolves_and_runs_only_when_named():
         ("supervised IN-1M", "APdp75", 50.6), ("MoCo v1 IN-1M 200ep", "APdp75", 53.9)}
 
 
+@pytest.mark.slow
 def test_without_the_project_a_run_and_a_suite_stop_with_one_line_saying_how_to_install_it(moco_weights, tmp_path):
     with pytest.raises(UserError) as error:
         require(TASKS["coco_densepose"])

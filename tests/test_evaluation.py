@@ -20,6 +20,8 @@ from transfer.d2 import evaluation
 from transfer.d2.config import get_cfg
 from transfer.datasets import catalog, demo
 
+pytestmark = pytest.mark.slow  # trains, evaluates or runs tools on generated data: not in `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):

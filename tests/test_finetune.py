@@ -24,6 +24,8 @@ from transfer.datasets import demo
 from transfer.errors import UserError
 from transfer.tasks import TASKS, get_task
 
+pytestmark = pytest.mark.slow  # trains, evaluates or runs tools on generated data: not in `make test-fast`
+
 SCHEMA = {"status", "error", "task", "schedule", "seed", "weights", "weights_sha256", "metrics", "all_metrics",
           "s_per_iter", "wall_time_s", "peak_memory_mb", "precision", "iterations", "num_gpus", "versions",
           "config", "dataset_split", "per_class", "no_predictions", "images_evaluated", "predicted_instances",

@@ -7,6 +7,7 @@ from transfer.datasets import demo
 from transfer.errors import UserError
 
 
+@pytest.mark.slow
 def test_bench_times_the_tasks_training_step(tmp_path):
     weights = finetune_bench.random_init_weights(tmp_path)
     row = finetune_bench.time_steps("coco_fpn_1x", weights, "fp32", "demo", batch=2, warmup=1, iters=2,

@@ -15,6 +15,8 @@ from torchvision.io import decode_jpeg
 from transfer.pretrain import augment, benchmark, jpeg_data
 from transfer.pretrain import gpu_augment as G
 
+pytestmark = pytest.mark.slow  # trains, evaluates or runs tools on generated data: not in `make test-fast`
+
 
 def ks_statistic(a, b):
     """Two-sample Kolmogorov-Smirnov distance between two 1-D samples."""

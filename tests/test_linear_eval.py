@@ -9,6 +9,8 @@ from transfer.pretrain import config, engine
 from transfer.pretrain.moco import MoCo
 from transfer.pretrain.supervised import SupervisedConfig, train_supervised
 
+pytestmark = pytest.mark.slow  # trains, evaluates or runs tools on generated data: not in `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, colour_image_folder):

@@ -17,6 +17,8 @@ from transfer.pretrain.memory_bank import MemoryBank
 from transfer.pretrain.moco import MoCo
 from transfer.pretrain.shuffle_bn import SplitBatchNorm
 
+pytestmark = pytest.mark.slow  # trains, evaluates or runs tools on generated data: not in `make test-fast`
+
 
 class Tiny(nn.Module):
     """A small torchvision-like encoder (num_classes, norm_layer); batch_independent drops the norm layer."""

@@ -119,7 +119,7 @@ def test_to_device_moves_every_tensor_and_keeps_the_structures():
         assert instances.gt_masks is theirs["instances"].gt_masks  # polygons stay on the host
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="copies to a GPU")
+@pytest.mark.gpu  # copies to a GPU
 def test_copies_to_the_gpu_without_waiting():
     inputs = batch(1)
     with HostReadbacks("cuda") as detectron2s:  # what GeneralizedRCNN does with a batch: 5 blocking copies per image

@@ -16,6 +16,8 @@ from transfer.pretrain.moco import MoCo
 
 from conftest import load_script
 
+pytestmark = pytest.mark.slow  # trains, evaluates or runs tools on generated data: not in `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, colour_image_folder):

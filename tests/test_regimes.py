@@ -13,6 +13,8 @@ from transfer.datasets import catalog, demo
 from transfer.errors import UserError
 from transfer.tasks import get_task
 
+pytestmark = pytest.mark.slow  # trains, evaluates or runs tools on generated data: not in `make test-fast`
+
 VOC = "voc_2007_trainval"
 
 

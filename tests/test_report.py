@@ -190,6 +190,7 @@ def test_the_projects_copy_holds_every_reference_number_with_its_protocol_and_so
     assert len(frozen) and (frozen["protocol"] == "frozen BN").all()
 
 
+@pytest.mark.slow
 def test_make_report_tool(suite_dir, tmp_path_factory):
     output, _, _ = suite_dir
     done = subprocess.run([sys.executable, str(REPO / "tools" / "make_report.py"), str(output)],

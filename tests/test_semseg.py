@@ -17,6 +17,8 @@ from transfer.d2 import evaluation, semseg
 from transfer.datasets import voc_semseg
 from transfer.errors import UserError
 
+pytestmark = pytest.mark.slow  # trains, evaluates or runs tools on generated data: not in `make test-fast`
+
 REPO = Path(__file__).resolve().parents[1]
 
 

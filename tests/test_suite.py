@@ -16,6 +16,8 @@ from transfer.errors import UserError
 
 from conftest import load_script
 
+pytestmark = pytest.mark.slow  # trains, evaluates or runs tools on generated data: not in `make test-fast`
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -201,7 +201,7 @@ def register_subsets(names) -> list[str]:
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    from transfer.datasets.catalog import _register  # first: it imports detectron2 the compatible way
+    from transfer.datasets.catalog import register_dataset
 
     subsets = []
     for name in names:
@@ -212,7 +212,7 @@ def register_subsets(names) -> list[str]:
         if base not in DatasetCatalog.list():
             raise UserError(f"{name}: a subset of {base}, which is not a registered dataset")
         metadata = {k: v for k, v in MetadataCatalog.get(base).as_dict().items() if k != "name"}
-        _register(name, lambda name=name, base=base: subset_records(name, DatasetCatalog.get(base)), **metadata)
+        register_dataset(name, lambda name=name, base=base: subset_records(name, DatasetCatalog.get(base)), **metadata)
         subsets.append(name)
     return subsets
 

@@ -96,7 +96,7 @@ def _guarded(path, layout, loader):
     return load
 
 
-def _register(name, loader, **metadata):
+def register_dataset(name, loader, **metadata):
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
     if name in MetadataCatalog.list():
@@ -120,18 +120,18 @@ def register_all(root=None) -> Path:
         dirname = str(root / folder)
         layout = LAYOUT_HINTS["voc"].format(folder=folder, split=split)
         loader = _guarded(root / folder, layout, functools.partial(load_voc_instances, dirname, split, VOC_CLASSES))
-        _register(name, loader, thing_classes=list(VOC_CLASSES), dirname=dirname, year=year, split=split,
+        register_dataset(name, loader, thing_classes=list(VOC_CLASSES), dirname=dirname, year=year, split=split,
                   evaluator_type="pascal_voc")
     for name, (image_dir, json_file, meta_key) in COCO.items():
         json_file, image_dir = str(root / json_file), str(root / image_dir)
         loader = _guarded(json_file, LAYOUT_HINTS["coco"], functools.partial(load_coco_json, json_file, image_dir, name))
-        _register(name, loader, json_file=json_file, image_root=image_dir, evaluator_type="coco",
+        register_dataset(name, loader, json_file=json_file, image_root=image_dir, evaluator_type="coco",
                   **d2compat.builtin_metadata(meta_key))
     for name, (image_root, json_file, meta_key) in LVIS.items():
         # load_lvis_json joins image_root + split folder as strings: keep the trailing slash
         json_file, image_root = str(root / json_file), str(root / image_root) + os.sep
         loader = _guarded(json_file, LAYOUT_HINTS["lvis"], functools.partial(load_lvis_json, json_file, image_root, name))
-        _register(name, loader, json_file=json_file, image_root=image_root, evaluator_type="lvis",
+        register_dataset(name, loader, json_file=json_file, image_root=image_root, evaluator_type="lvis",
                   **get_lvis_instances_meta(meta_key))
     meta = d2compat.builtin_metadata("cityscapes")
     for name, (image_dir, gt_dir) in CITYSCAPES.items():
@@ -142,7 +142,7 @@ def register_all(root=None) -> Path:
         else:
             loader = functools.partial(load_cityscapes_semantic, image_dir, gt_dir)
             extra = {"evaluator_type": "cityscapes_sem_seg", "ignore_label": 255}
-        _register(name, _guarded(gt_dir, LAYOUT_HINTS["cityscapes"], loader), image_dir=image_dir, gt_dir=gt_dir,
+        register_dataset(name, _guarded(gt_dir, LAYOUT_HINTS["cityscapes"], loader), image_dir=image_dir, gt_dir=gt_dir,
                   **extra, **meta)
     voc_semseg.register(root)
     densepose.register_datasets(root)  # COCO DensePose, when the optional DensePose project is installed

@@ -371,14 +371,14 @@ def figures(runs, output):
     bars.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize="small")
     bars.set_ylabel("k-NN top-1 at the end (%)")
     bars.set_title("k-NN top-1 by setting")
-    if any(len(s) for s in starts):
-        bars.legend(fontsize="small")
+
     for name in labels:
         m = monitors[name]
         lines.plot(m["epoch"], m["knn_top1"], marker="o", color=colour[name], label=name)
     lines.set_xlabel("epoch")
     lines.set_ylabel("k-NN top-1 (%)")
     lines.set_title("k-NN top-1 during training")
+    bars.set_ylim(0, 120)  # room for the legend above the bars
     _finish(fig, [bars, lines], output / "knn.png", plt)
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))

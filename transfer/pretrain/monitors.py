@@ -178,14 +178,17 @@ def plot_consistency(csv_path, png_path, title="Dictionary consistency"):
 
 
 def plot_similarity(matrix, png_path, title):
-    """The one-batch similarity matrix as a heat map."""
+    """The one-batch similarity matrix as a heat map, coloured over its own range (nearly collapsed
+    features would otherwise be one colour), with the mean positive and negative cosine."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 4.4))
-    image = ax.imshow(matrix.numpy(), cmap="viridis", vmin=-1, vmax=1)
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    image = ax.imshow(matrix.numpy(), cmap="viridis")
     fig.colorbar(image, ax=ax, label="cosine")
     ax.set_xlabel("positive key of image j")
     ax.set_ylabel("query of image i")
-    ax.set_title(title, fontsize="medium")
+    diagonal = matrix.diagonal().mean().item()
+    off = (matrix.sum() - matrix.diagonal().sum()).item() / max(1, matrix.numel() - len(matrix))
+    ax.set_title(f"{title}\nmean cos: positives {diagonal:.3f}, other images {off:.3f}", fontsize="medium")
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
