@@ -58,7 +58,6 @@ def test_a_bad_plan_file_is_one_line(tmp_path):
         ablation.load_plan(tmp_path / "q.yaml")
 
 
-@pytest.mark.slow
 def test_the_runner_resumes_an_interrupted_run_reports_divergence_and_never_runs_a_setting_twice(
         data, tmp_path, monkeypatch, capsys):
     plan = ablation.Plan("v2", [{"mechanism": ["moco", "memory_bank"]}, {"lr": [1e30]}], TINY | {"data": str(data)})

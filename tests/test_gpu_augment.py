@@ -272,7 +272,6 @@ def test_synthetic_imagefolder_is_imagenet_like(tmp_path):
     assert 20_000 < np.mean([f.stat().st_size for f in files]) < 400_000  # photo-like compression
 
 
-@pytest.mark.slow
 def test_bench_pretrain_measures_every_setting(tmp_path):
     """tools/bench_pretrain.py on CPU: one row per setting (official recipe + each decode place), three rates each."""
     import json

@@ -39,7 +39,6 @@ def small(pretrained, data, output, **overrides):
     return LinearEvalConfig(pretrained=str(pretrained), data=str(data), output=str(output), **(settings | overrides))
 
 
-@pytest.mark.slow
 def test_linear_eval_trains_only_the_fc_on_the_query_encoder(data, moco_checkpoint, tmp_path):
     result = linear_eval(small(moco_checkpoint, data, tmp_path))
     assert result["arch"] == "resnet18"  # from the checkpoint
@@ -55,7 +54,6 @@ def test_linear_eval_trains_only_the_fc_on_the_query_encoder(data, moco_checkpoi
     assert (tmp_path / "linear_eval.json").exists()
 
 
-@pytest.mark.slow
 def test_supervised_baseline_writes_a_plain_torchvision_state_dict(data, tmp_path):
     weights = train_supervised(SupervisedConfig(data=str(data), output=str(tmp_path), arch="resnet18", epochs=1,
                                                 batch_size=8, workers=0, image_size=32))
@@ -69,7 +67,6 @@ def test_supervised_baseline_writes_a_plain_torchvision_state_dict(data, tmp_pat
     assert 0 <= result["top1"] <= 100
 
 
-@pytest.mark.slow
 def test_unreadable_or_mismatched_checkpoints_are_user_errors(data, moco_checkpoint, tmp_path):
     with pytest.raises(UserError, match="does not fit --arch resnet50"):
         linear_eval(small(moco_checkpoint, data, tmp_path, arch="resnet50"))

@@ -119,7 +119,6 @@ def _end_to_end_rank(rank, init_file, out_dir):
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
 def test_end_to_end_negatives_span_the_global_batch_of_all_processes_with_gradients(tmp_path):
     mp.spawn(_end_to_end_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]

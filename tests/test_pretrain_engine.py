@@ -134,7 +134,6 @@ def straight_run(data, tmp_path_factory):
     return engine.pretrain(tiny(data, output, epochs=2)), output
 
 
-@pytest.mark.slow
 def test_resume_continues_the_same_run_bit_for_bit(data, tmp_path, straight_run):
     checkpoint, straight = straight_run
     # Stop mid-epoch at step 4, resume (with loader workers this time: views do not depend on them).
@@ -154,7 +153,6 @@ def test_resume_continues_the_same_run_bit_for_bit(data, tmp_path, straight_run)
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
 
 
-@pytest.mark.slow
 def test_checkpoint_has_the_official_layout(straight_run):
     checkpoint, output = straight_run
     ckpt = load(checkpoint)  # weights_only: tensors and plain types only
@@ -169,7 +167,6 @@ def test_checkpoint_has_the_official_layout(straight_run):
         engine.pretrain(config.load_config(**(ckpt["config"] | {"resume": None})))
 
 
-@pytest.mark.slow
 def test_checkpoint_converts_with_the_official_renaming_rules(tmp_path):
     """The official converter (moco/detection/convert-pretrain-to-detectron2.py) keeps
     module.encoder_q.* and renames torchvision names to detectron2's; every ResNet-50 backbone
@@ -206,7 +203,6 @@ def test_checkpoint_converts_with_the_official_renaming_rules(tmp_path):
     assert all(converted[k].shape == v.shape for k, v in expected.items())
 
 
-@pytest.mark.slow
 def test_monitors_knn_and_dictionary_consistency(data, tmp_path):
     # Whole-batch BN (bn_splits 1): re-encoding the newest queued batch must give back its keys.
     engine.pretrain(tiny(data, tmp_path, epochs=2, bn_splits=1, monitor_every=1))
@@ -238,7 +234,6 @@ def _torchrun_worker(rank, port, data, output):
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.slow
 def test_two_process_run_fills_the_queue_from_both_ranks(data, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -267,7 +262,6 @@ def test_without_preset_or_data_a_cpu_gets_the_demo_preset_and_a_gpu_is_told_wha
     assert choose("v1", None, None, gpu=True) == ("v1", None)
 
 
-@pytest.mark.slow
 def test_pretrain_moco_without_arguments_trains_the_demo_preset_on_the_demo_images(tmp_path):
     """The command as typed, but for --max-steps: the whole demo run takes minutes on a busy CPU."""
     import subprocess
@@ -303,7 +297,6 @@ def with_bad_images(data, root, names):
     return root, [str(first_class / name) for name in names]
 
 
-@pytest.mark.slow
 def test_an_undecodable_image_is_skipped_counted_and_resume_stays_bit_exact(data, tmp_path, capsys):
     from transfer.image_folder import SKIPPED
 
@@ -324,7 +317,6 @@ def test_an_undecodable_image_is_skipped_counted_and_resume_stays_bit_exact(data
         assert torch.equal(value, b["state_dict"][key]), key
 
 
-@pytest.mark.slow
 def test_too_many_undecodable_images_stop_the_run_with_one_line(data, tmp_path):
     from transfer.image_folder import scan
 
@@ -389,7 +381,6 @@ def test_a_preset_with_an_unknown_key_or_a_wrong_value_is_one_line_naming_the_fi
 # ----------------------------------------------------------------------------- mechanisms in the loop
 
 
-@pytest.mark.slow
 def test_memory_bank_resume_is_bit_exact_with_the_monitors_on(data, tmp_path):
     bank = dict(mechanism="memory_bank", epochs=2, monitor_every=1)
     straight = engine.pretrain(tiny(data, tmp_path / "straight", **bank))
@@ -407,7 +398,6 @@ def test_memory_bank_resume_is_bit_exact_with_the_monitors_on(data, tmp_path):
     assert ages == {0, 1, 2}  # each image's row written 0, 1 or 2 steps before the monitor
 
 
-@pytest.mark.slow
 def test_end_to_end_runs_in_the_same_loop_with_its_monitors(data, tmp_path):
     engine.pretrain(tiny(data, tmp_path, mechanism="end_to_end", moco_k=7, monitor_every=1))  # moco_k: unused
     with open(tmp_path / "monitor.csv") as f:

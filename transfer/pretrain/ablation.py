@@ -331,7 +331,8 @@ def table(runs, swept):
         row["diverged"] = "yes" if _diverged(run.folder) else "no"
         row["note"] = (result or {}).get("error", "") + (result or {}).get("linear_eval_error", "")
         rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    return frame if frame["note"].any() else frame.drop(columns="note")
 
 
 def write_table(frame, output):
@@ -349,7 +350,7 @@ def write_table(frame, output):
 def figures(runs, output):
     """knn.png (k-NN top-1 by setting and over training), consistency.png (by key age at the last
     monitor), loss.png (loss and contrastive accuracy over training): one colour per setting."""
-    from transfer.pretrain.monitors import age_curve, pyplot
+    from transfer.pretrain.monitors import plot_consistency_curves, pyplot
 
     plt = pyplot()
     colours = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
@@ -381,21 +382,8 @@ def figures(runs, output):
     bars.set_ylim(0, 120)  # room for the legend above the bars
     _finish(fig, [bars, lines], output / "knn.png", plt)
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, table_ in consistency.items():
-        if table_ is None or not len(table_):
-            continue
-        last = table_[table_["step"] == table_["step"].max()]
-        for ax, column in zip(axes, ("margin", "cosine")):
-            ages, values = age_curve(last, column)
-            ax.plot(ages, values, marker="o", color=colour[name], label=name)
-    axes[0].set_ylabel("cos(stored, re-encoded) - mean cos(other images)")
-    axes[0].set_title("Dictionary consistency relative to the spread")
-    axes[1].set_ylabel("cos(stored key, same crop re-encoded now)")
-    axes[1].set_title("Raw cosine")
-    for ax in axes:
-        ax.set_xlabel("key age (training steps), at the last monitor")
-    _finish(fig, axes, output / "consistency.png", plt)
+    last = {name: t[t["step"] == t["step"].max()] for name, t in consistency.items() if t is not None and len(t)}
+    plot_consistency_curves(last, output / "consistency.png", "Dictionary consistency at the last monitor", colour)
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, log in logs.items():

@@ -153,16 +153,22 @@ def age_curve(rows, column, max_points=10):
 
 
 def plot_consistency(csv_path, png_path, title="Dictionary consistency"):
-    """Two panels against key age, one curve per monitored epoch: the consistency margin and the raw cosine."""
+    """A run's dictionary_consistency.csv: one curve per monitored epoch."""
     import pandas as pd
 
-    plt = pyplot()
     table = pd.read_csv(csv_path)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for epoch, rows in table.groupby("epoch"):
+    plot_consistency_curves({f"epoch {epoch}": rows for epoch, rows in table.groupby("epoch")}, png_path, title)
+
+
+def plot_consistency_curves(tables, png_path, title, colours=None):
+    """Two panels against key age, the consistency margin and the raw cosine: one curve per
+    (label, rows of a consistency table), in ``colours[label]`` when given."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, rows in tables.items():
         for ax, column in zip(axes, ("margin", "cosine")):
             ages, values = age_curve(rows, column)
-            ax.plot(ages, values, marker=".", label=f"epoch {epoch}")
+            ax.plot(ages, values, marker="o", label=label, color=(colours or {}).get(label))
     axes[0].set_ylabel("cos(stored, re-encoded) - mean cos(other images)")
     axes[0].set_title("consistency relative to the spread")
     axes[1].set_ylabel("cos(stored key, same crop re-encoded now)")
@@ -173,7 +179,7 @@ def plot_consistency(csv_path, png_path, title="Dictionary consistency"):
         ax.legend(fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
+    fig.savefig(png_path, dpi=110)
     plt.close(fig)
 
 
