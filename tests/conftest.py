@@ -5,6 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
@@ -62,3 +64,16 @@ def moco_weights(tmp_path_factory):
     state = {f"module.encoder_q.{k}": v for k, v in torchvision.models.resnet50().state_dict().items()}
     torch.save({"epoch": 1, "arch": "resnet50", "state_dict": state}, folder / "moco.pth.tar")
     return convert(folder / "moco.pth.tar", output=folder / "moco.pkl").weights_path
+
+class Tiny(nn.Module):
+    """A small torchvision-like encoder (num_classes, norm_layer); batch_independent drops the norm
+    layer, so a key depends on its own image only and can be checked sample by sample."""
+
+    def __init__(self, num_classes, norm_layer=nn.BatchNorm2d, batch_independent=False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.Identity() if batch_independent else norm_layer(8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))

@@ -17,20 +17,11 @@ from transfer.pretrain.memory_bank import MemoryBank
 from transfer.pretrain.moco import MoCo
 from transfer.pretrain.shuffle_bn import SplitBatchNorm
 
+from conftest import Tiny
+
 pytestmark = pytest.mark.slow  # trains, evaluates or runs tools on generated data: not in `make test-fast`
 
 
-class Tiny(nn.Module):
-    """A small torchvision-like encoder (num_classes, norm_layer); batch_independent drops the norm layer."""
-
-    def __init__(self, num_classes, norm_layer=nn.BatchNorm2d, batch_independent=False):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.Identity() if batch_independent else norm_layer(8)
-        self.fc = nn.Linear(8, num_classes)
-
-    def forward(self, x):
-        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
 
 
 Independent = functools.partial(Tiny, batch_independent=True)

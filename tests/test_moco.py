@@ -18,19 +18,7 @@ from transfer.pretrain.shuffle_bn import (
     split_batch_norm_reshape,
 )
 
-
-class Tiny(nn.Module):
-    """A small torchvision-like encoder (num_classes, norm_layer); batch_independent drops the norm
-    layer, so a key depends on its own image only and can be checked sample by sample."""
-
-    def __init__(self, num_classes, norm_layer=nn.BatchNorm2d, batch_independent=False):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.Identity() if batch_independent else norm_layer(8)
-        self.fc = nn.Linear(8, num_classes)
-
-    def forward(self, x):
-        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+from conftest import Tiny
 
 
 def images(n, size=8, seed=0):
