@@ -350,7 +350,7 @@ def write_table(frame, output):
 def figures(runs, output):
     """knn.png (k-NN top-1 by setting and over training), consistency.png (by key age at the last
     monitor), loss.png (loss and contrastive accuracy over training): one colour per setting."""
-    from transfer.pretrain.monitors import plot_consistency_curves, pyplot
+    from transfer.pretrain.monitors import finish_figure, plot_consistency_curves, pyplot
 
     plt = pyplot()
     colours = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
@@ -380,7 +380,7 @@ def figures(runs, output):
     lines.set_ylabel("k-NN top-1 (%)")
     lines.set_title("k-NN top-1 during training")
     bars.set_ylim(0, 120)  # room for the legend above the bars
-    _finish(fig, [bars, lines], output / "knn.png", plt)
+    finish_figure(fig, [bars, lines], output / "knn.png")
 
     last = {name: t[t["step"] == t["step"].max()] for name, t in consistency.items() if t is not None and len(t)}
     plot_consistency_curves(last, output / "consistency.png", "Dictionary consistency at the last monitor", colour)
@@ -397,15 +397,6 @@ def figures(runs, output):
     axes[1].set_title("Pretext accuracy")
     for ax in axes:
         ax.set_xlabel("training step")
-    _finish(fig, axes, output / "loss.png", plt)
+    finish_figure(fig, axes, output / "loss.png")
     return [output / "knn.png", output / "consistency.png", output / "loss.png"]
 
-
-def _finish(fig, axes, path, plt):
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

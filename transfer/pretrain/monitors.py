@@ -175,12 +175,19 @@ def plot_consistency_curves(tables, png_path, title, colours=None):
     axes[1].set_title("raw cosine (fooled by collapse)")
     for ax in axes:
         ax.set_xlabel("key age (training steps)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
     fig.suptitle(title)
+    finish_figure(fig, axes, png_path)
+
+
+def finish_figure(fig, axes, path):
+    """The common end of a monitor or ablation figure: grid, legends where there are curves, saved, closed."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
 
 
 def plot_similarity(matrix, png_path, title):
