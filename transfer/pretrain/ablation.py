@@ -79,10 +79,7 @@ class Plan:
 
 def load_plan(name_or_path):
     """configs/pretrain/ablations/<name>.yaml or a YAML path: {preset, set: {..}, sweeps: [{setting: [values]}]}."""
-    path = Path(name_or_path) if str(name_or_path).endswith((".yaml", ".yml")) else PLANS / f"{name_or_path}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in PLANS.glob("*.yaml"))
-        raise UserError(f"--plan {name_or_path}: no such plan ({', '.join(names)}) or YAML file")
+    path = config.named_yaml(name_or_path, PLANS, "--plan", "plan")
     raw = fileio.read_yaml_mapping(path, "an ablation plan (preset, set, sweeps)")
     unknown = sorted(set(raw) - {"preset", "set", "sweeps"})
     if unknown or not isinstance(raw.get("sweeps"), list) or "preset" not in raw:

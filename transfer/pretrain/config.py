@@ -148,13 +148,18 @@ def check_value(name, value):
     return None
 
 
+def named_yaml(name_or_path, folder: Path, flag: str, what: str) -> Path:
+    """``<folder>/<name>.yaml``, or a YAML file's path; otherwise one line listing the names there."""
+    path = Path(name_or_path) if str(name_or_path).endswith((".yaml", ".yml")) else folder / f"{name_or_path}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise UserError(f"{flag} {name_or_path}: no such {what} ({', '.join(names)}) or YAML file")
+    return path
+
+
 def preset_path(preset) -> Path:
     """configs/pretrain/<name>.yaml, or a YAML file's path."""
-    path = Path(preset) if str(preset).endswith((".yaml", ".yml")) else PRESETS / f"{preset}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
-        raise UserError(f"--preset {preset}: no such preset ({', '.join(names)}) or YAML file")
-    return path
+    return named_yaml(preset, PRESETS, "--preset", "preset")
 
 
 def load_config(preset="v2", **overrides) -> PretrainConfig:
