@@ -1,13 +1,18 @@
 """Linear evaluation (transfer/linear_eval.py) and the supervised baseline (transfer/pretrain/supervised.py)."""
+import dataclasses
+import typing
+
 import pytest
 import torch
 import torchvision
 
 from transfer.errors import UserError
 from transfer.linear_eval import LinearEvalConfig, linear_eval
-from transfer.pretrain import config, engine
+from transfer.pretrain import config, engine, settings
 from transfer.pretrain.moco import MoCo
 from transfer.pretrain.supervised import SupervisedConfig, train_supervised
+
+from conftest import load_script
 
 pytestmark = pytest.mark.slow  # trains, evaluates or runs tools on generated data: not in `make test-fast`
 
@@ -93,3 +98,30 @@ def test_a_small_stem_checkpoint_is_read_by_linear_eval_and_refused_by_the_conve
                                         r"small-image stem, --small-stem\); detectron2's ResNet has a 7x7 stem"):
         convert(path, output=tmp_path / "weights.pkl")
     assert not (tmp_path / "weights.pkl").exists()
+
+
+def _a_value(field):
+    """(command-line words, the value they parse to), a value other than the field's default."""
+    tp, _ = settings.value_type(field)
+    if field.metadata["choices"]:
+        choice = next(c for c in field.metadata["choices"] if c != field.default)
+        return [choice], choice
+    if typing.get_origin(tp) in (list, tuple):
+        return ["1", "2"], [1, 2]
+    return {int: (["7"], 7), float: (["0.25"], 0.25), str: (["x"], "x")}[tp]
+
+
+@pytest.mark.parametrize("tool, cls", [("linear_eval", LinearEvalConfig), ("train_supervised", SupervisedConfig)])
+def test_every_field_is_a_flag_of_its_tool_and_no_optional_flags_give_the_dataclass_defaults(tool, cls):
+    parse_args = load_script(f"tools/{tool}.py").parse_args
+    fields = dataclasses.fields(cls)
+    required = [f for f in fields if f.default is dataclasses.MISSING]
+    argv = [word for f in required for word in (settings.flags(f)[0], f"/{f.name}")]
+    assert vars(parse_args(argv)) == {f.name: f"/{f.name}" if f in required else f.default for f in fields}
+    for field in fields:
+        words, value = _a_value(field)
+        for flag in settings.flags(field):  # every alias, e.g. -b and --batch-size
+            assert getattr(parse_args(argv + [flag, *words]), field.name) == value, flag
+    for field in required:  # --pretrained and --data of linear evaluation
+        with pytest.raises(SystemExit):
+            parse_args([word for f in required if f is not field for word in (settings.flags(f)[0], f"/{f.name}")])

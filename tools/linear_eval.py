@@ -11,25 +11,12 @@ import argparse
 
 from transfer.errors import cli
 from transfer.linear_eval import LinearEvalConfig, linear_eval
+from transfer.pretrain import settings
 
 
 def parse_args(argv=None):
-    d = LinearEvalConfig(pretrained="", data="")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pretrained", required=True, help="MoCo checkpoint or torchvision state dict")
-    p.add_argument("--data", required=True, help="root with train/<class>/ and val/<class>/")
-    p.add_argument("--output", default=d.output)
-    p.add_argument("-a", "--arch", help="torchvision ResNet (default: the checkpoint's, else resnet50)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--schedule", type=int, nargs="+", default=list(d.schedule), help="epochs at which lr *= 0.1")
-    p.add_argument("--lr", "--learning-rate", type=float, default=d.lr)
-    p.add_argument("-b", "--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--wd", "--weight-decay", type=float, default=d.wd)
-    p.add_argument("-j", "--workers", type=int, default=d.workers)
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision)
+    settings.add_arguments(p, LinearEvalConfig)  # one flag per field, with its default and help
     return p.parse_args(argv)
 
 

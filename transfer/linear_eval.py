@@ -8,6 +8,7 @@ Reads MoCo v1/v2 checkpoints (official layout, ours too) and plain torchvision s
 import dataclasses
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -22,27 +23,30 @@ from transfer.pretrain.augment import classification_transform, eval_transform
 from transfer.pretrain.classification import evaluate
 from transfer.pretrain.contrastive import small_image_stem
 from transfer.pretrain.knn import backbone
-from transfer.pretrain.precision import autocast, autocast_dtype
+from transfer.pretrain.precision import PRECISIONS, autocast, autocast_dtype
+from transfer.pretrain.settings import setting
 
 MOCO_PREFIX = "module.encoder_q."
 
 
 @dataclasses.dataclass
 class LinearEvalConfig:
-    pretrained: str
-    data: str  # root with train/<class>/ and val/<class>/
-    output: str = "output/linear_eval"
-    arch: str = None  # default: the checkpoint's "arch", else resnet50
-    epochs: int = 100
-    schedule: tuple = (60, 80)
-    lr: float = 30.0
-    batch_size: int = 256
-    momentum: float = 0.9
-    wd: float = 0.0
-    workers: int = 8
-    image_size: int = 224
-    seed: int = 0
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    """Every setting of linear evaluation; the fields are tools/linear_eval.py's flags (settings.add_arguments)."""
+    pretrained: str = setting("MoCo checkpoint or torchvision state dict")
+    data: str = setting("root with train/<class>/ and val/<class>/")
+    output: str = setting("folder for linear_eval.json and linear_classifier.pth", "output/linear_eval")
+    arch: Optional[str] = setting("torchvision ResNet (default: the checkpoint's, else resnet50)", None,
+                                  flags=("-a", "--arch"))
+    epochs: int = setting("training epochs", 100)
+    schedule: tuple[int, ...] = setting("epochs at which lr *= 0.1", (60, 80))
+    lr: float = setting("learning rate", 30.0, flags=("--lr", "--learning-rate"))
+    batch_size: int = setting("batch size", 256, flags=("-b", "--batch-size"))
+    momentum: float = setting("SGD momentum", 0.9)
+    wd: float = setting("weight decay", 0.0, flags=("--wd", "--weight-decay"))
+    workers: int = setting("data loading processes", 8, flags=("-j", "--workers"))
+    image_size: int = setting("crop size", 224)
+    seed: int = setting("seed of the fc's initialisation and the data order", 0)
+    precision: str = setting("auto: bf16 autocast on CUDA, fp32 on CPU", "auto", choices=PRECISIONS)
 
 
 def load_backbone(path, arch=None):

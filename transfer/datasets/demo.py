@@ -403,3 +403,9 @@ def generate(root, seed: int = 0) -> Path:
 def ensure(root=None) -> Path:
     """The demo datasets root (``DEFAULT_ROOT`` unless given), generated on first use."""
     return generate(DEFAULT_ROOT if root is None else root)
+
+
+def images() -> Path:
+    """The built-in demo ImageFolder (train/<class>/, val/<class>/): what pre-training, the supervised
+    baseline and linear evaluation read without --data."""
+    return ensure() / "imagenet"

@@ -1,28 +1,22 @@
 """Every pre-training setting, declared once: ``PretrainConfig``'s fields and their metadata.
 
-From the fields come the flags of tools/pretrain_moco.py (name, help, type, choices) and the check
+From the fields come the flags of tools/pretrain_moco.py (settings.add_arguments) and the check
 of the YAML presets in configs/pretrain/ (an unknown key, a missing one or a value of the wrong type
 is one line naming the file). A preset gives every field without a default; a flag overrides one.
 """
 import argparse
 import dataclasses
-import typing
 from pathlib import Path
 from typing import Optional
 
 from transfer import REPO, fileio
 from transfer.errors import UserError
+from transfer.pretrain import settings
 from transfer.pretrain.mechanisms import MECHANISMS
 from transfer.pretrain.precision import PRECISIONS
+from transfer.pretrain.settings import setting
 
 PRESETS = REPO / "configs" / "pretrain"
-
-
-def setting(help, default=dataclasses.MISSING, *, flags=(), choices=None, used_by=None):
-    """A field of PretrainConfig. flags: the command-line names when not just ``--field-name``;
-    used_by: the mechanisms the setting matters to (None: all), which the ablation table reads."""
-    return dataclasses.field(default=default, metadata={"help": help, "flags": flags, "choices": choices,
-                                                        "used_by": used_by})
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -90,7 +84,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
 
 def flags(name):
     """The command-line names of a setting, e.g. ("-b", "--batch-size")."""
-    return FIELDS[name].metadata["flags"] or ("--" + name.replace("_", "-"),)
+    return settings.flags(FIELDS[name])
 
 
 def flag(name):
@@ -99,32 +93,20 @@ def flag(name):
 
 
 def used_by(name, mechanism):
-    """Whether the setting matters to ``mechanism`` (moco_m does not to the memory bank)."""
-    mechanisms = FIELDS[name].metadata["used_by"]
+    """Whether the setting matters to ``mechanism`` (moco_m does not to the memory bank): its ``used_by``,
+    which the ablation table reads too; a setting without one matters to all."""
+    mechanisms = FIELDS[name].metadata.get("used_by")
     return mechanisms is None or mechanism in mechanisms
 
 
 def value_type(name):
     """(the type of a setting's values, whether null is allowed)."""
-    tp = FIELDS[name].type
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) is typing.Union:
-        return next(a for a in args if a is not type(None)), True
-    return tp, False
+    return settings.value_type(FIELDS[name])
 
 
 def add_arguments(parser: argparse.ArgumentParser):
     """One flag per setting (a bool as --x / --no-x); default None: the preset's value stays."""
-    for name, field in FIELDS.items():
-        tp, _ = value_type(name)
-        kwargs = dict(dest=name, default=None, help=field.metadata["help"].replace("%", "%%"))
-        if tp is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(tp) is list:
-            kwargs.update(type=typing.get_args(tp)[0], nargs="+")
-        else:
-            kwargs.update(type=tp, choices=field.metadata["choices"])
-        parser.add_argument(*flags(name), **kwargs)
+    settings.add_arguments(parser, PretrainConfig, defaults=False)
 
 
 _EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string",

@@ -78,7 +78,7 @@ def data_dirs(data):
     if data is None:
         from transfer.datasets import demo
 
-        data = demo.ensure() / "imagenet"
+        data = demo.images()
     root = Path(data)
     train, val = root / "train", root / "val"
     if not train.is_dir():

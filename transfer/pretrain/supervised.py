@@ -17,29 +17,34 @@ from transfer.fileio import atomic_torch_save, atomic_write_json
 from transfer.image_folder import ImageFolder
 from transfer.pretrain.augment import classification_transform, eval_transform
 from transfer.pretrain.classification import evaluate
-from transfer.pretrain.precision import autocast, autocast_dtype
+from transfer.pretrain.precision import PRECISIONS, autocast, autocast_dtype
+from transfer.pretrain.settings import setting
 
 
 @dataclasses.dataclass
 class SupervisedConfig:
-    data: str  # root with train/<class>/ (val/<class>/ is evaluated when present)
-    output: str = "output/supervised"
-    arch: str = "resnet50"
-    epochs: int = 90
-    batch_size: int = 256
-    lr: Optional[float] = None  # default 0.1 * batch_size / 256
-    lr_step: int = 30  # epochs between x0.1 decays
-    momentum: float = 0.9
-    wd: float = 1e-4
-    workers: int = 8
-    image_size: int = 224
-    seed: int = 0
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    """Every setting of the baseline; the fields are tools/train_supervised.py's flags (settings.add_arguments)."""
+    data: Optional[str] = setting("root with train/<class>/ (val/ is evaluated when present); "
+                                  "default: the built-in demo images", None)
+    output: str = setting("folder for supervised_<arch>.pth and metrics.json", "output/supervised")
+    arch: str = setting("torchvision classification model", "resnet50", flags=("-a", "--arch"))
+    epochs: int = setting("training epochs", 90)
+    batch_size: int = setting("batch size", 256, flags=("-b", "--batch-size"))
+    lr: Optional[float] = setting("learning rate; default 0.1 * batch size / 256", None)
+    lr_step: int = setting("epochs between lr x0.1 decays", 30)
+    momentum: float = setting("SGD momentum", 0.9)
+    wd: float = setting("weight decay", 1e-4, flags=("--wd", "--weight-decay"))
+    workers: int = setting("data loading processes", 8, flags=("-j", "--workers"))
+    image_size: int = setting("crop size", 224)
+    seed: int = setting("seed of the weights and the data order", 0)
+    precision: str = setting("auto: bf16 autocast on CUDA, fp32 on CPU", "auto", choices=PRECISIONS)
 
 
 def train_supervised(cfg: SupervisedConfig) -> Path:
     """Train; returns OUTPUT/supervised_<arch>.pth (plain state dict). Writes OUTPUT/metrics.json too."""
-    root = Path(cfg.data)
+    from transfer.datasets import demo
+
+    root = demo.images() if cfg.data is None else Path(cfg.data)
     if not (root / "train").is_dir():
         raise UserError(f"--data {root}: expected an ImageFolder root with train/<class>/*.jpg; "
                         f"{root / 'train'} does not exist")
