@@ -1,11 +1,14 @@
 """The sweep runner (transfer/pretrain/ablation.py, tools/ablate_moco.py): plans, resumes, never runs a
 setting twice, reports divergence, writes the table and figures."""
+import fcntl
+import io
 import json
 import subprocess
 
 import pandas as pd
 import pytest
 
+from transfer import slurm
 from transfer.errors import UserError
 from transfer.pretrain import ablation, config, engine
 
@@ -108,3 +111,72 @@ def test_ablate_moco_dry_run_lists_the_settings_and_their_state(tmp_path, capsys
     with pytest.raises(SystemExit):
         tool.main(["--sweep", "moco-m", "--dry-run"])
     assert "error: moco-m: expected SETTING=VALUE,VALUE..." in capsys.readouterr().err
+
+
+def test_the_slurm_launcher_runs_each_setting_as_a_job_and_a_second_invocation_submits_nothing(data, tmp_path):
+    # submitit's "local" cluster runs the submitted jobs as processes on this machine.
+    plan = ablation.Plan("v2", [{"mechanism": ["moco", "memory_bank"]}], TINY | {"data": str(data)})
+    runs = ablation.plan_runs(plan, tmp_path)
+    executor = slurm.executor(tmp_path, time_min=10, cluster="local")
+    shown = io.StringIO()
+    ablation.run_all(runs, executor=executor, stream=shown)
+    assert [r.result["status"] for r in runs] == ["ok", "ok"]
+    job_folders = sorted(p.name for p in (tmp_path / "slurm").glob("[0-9]*"))  # submitit also makes "%j"
+    assert len(job_folders) == 2
+    for run, job in zip(runs, job_folders):
+        assert f"  {run.label}: submitted as job {job}, running in {run.folder}\n" in shown.getvalue()
+        assert f"  {run.label}: ok\n" in shown.getvalue()
+
+    again = io.StringIO()
+    ablation.run_all(ablation.plan_runs(plan, tmp_path), executor=executor, stream=again)
+    assert again.getvalue() == "  v2: done already (ok)\n  mechanism=memory_bank: done already (ok)\n"
+    assert sorted(p.name for p in (tmp_path / "slurm").glob("[0-9]*")) == job_folders
+
+
+def test_a_slurm_job_that_dies_leaves_a_failed_result_and_a_setting_held_elsewhere_is_not_submitted(tmp_path):
+    from submitit.core.utils import FailedJobError
+
+    class DeadJob:  # a job whose function raised, as submitit reports it
+        job_id = "42"
+
+        def done(self):
+            return True
+
+        def result(self):
+            raise FailedJobError("Job (task=0) failed during processing with trace:\n----------------------\n"
+                                 "Traceback (most recent call last):\n  ...\n"
+                                 "OSError: [Errno 122] Disk quota exceeded\n----------------------\n"
+                                 "You can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at paths:\n"
+                                 "  - /x/42_0_log.err\n  - /x/42_0_log.out")
+
+    submitted = []
+
+    class Executor:
+        def submit(self, function, run, *args):
+            submitted.append(run.label)
+            return DeadJob()
+
+    plan = ablation.Plan("v2", [{"mechanism": ["moco", "memory_bank"]}], TINY)
+    held, dies = ablation.plan_runs(plan, tmp_path)
+    shown = io.StringIO()
+    held.folder.mkdir()
+    with open(held.folder / ".lock", "w") as lock:  # another invocation is running this setting
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        ablation.run_all([held, dies], executor=Executor(), stream=shown)
+    assert submitted == [dies.label]
+    assert "  v2: running in another invocation\n" in shown.getvalue() and held.result is None
+    assert dies.result == {"status": "failed", "error": "job 42 died: OSError: [Errno 122] Disk quota exceeded"}
+    assert f"  {dies.label}: submitted as job 42, running in {dies.folder}\n" in shown.getvalue()
+    assert f"  {dies.label}: failed: job 42 died: OSError: [Errno 122] Disk quota exceeded\n" in shown.getvalue()
+    assert dies.state == "failed"  # a rerun retries it
+    assert ablation.table([dies], ["mechanism"])["status"].tolist() == ["failed"]
+
+
+def test_ablate_moco_with_the_slurm_launcher_where_there_is_no_slurm_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun, no sbatch
+    tool = load_script("tools/ablate_moco.py")
+    with pytest.raises(SystemExit) as exit_:
+        tool.main(["--preset", "v2", "--sweep", "moco-m=0,0.9", "--output", str(tmp_path), "--launcher", "slurm"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("error: --launcher slurm: no SLURM found on this machine "
+                                       "(srun is not on PATH)\n")

@@ -6,7 +6,7 @@ from conftest import REPO
 # Lowest first, as in ARCHITECTURE.md's table; a module belongs to the first layer whose prefix it starts with.
 LAYERS = [
     ("base", ["transfer/__init__", "transfer/errors", "transfer/fileio", "transfer/stats", "transfer/image_folder",
-              "transfer/d2compat"]),
+              "transfer/d2compat", "transfer/slurm"]),
     ("detectron2 and data", ["transfer/d2", "transfer/datasets", "transfer/regimes"]),
     ("pre-training", ["transfer/pretrain", "transfer/linear_eval"]),
     ("conversion", ["transfer/checkpoint_layouts", "transfer/convert"]),

@@ -181,6 +181,19 @@ def test_the_consistency_meter_sees_collapse_that_the_raw_cosine_misses():
     assert spread_collapsed > 0.99 and abs(spread_good) < 0.1
 
 
+def test_the_consistency_fall_is_the_newest_quarter_of_keys_minus_the_oldest_and_zero_for_keys_of_one_age():
+    import pandas as pd
+
+    # 8 keys: ages 0..7 given in shuffled order, margins falling with age (the oldest rotted)
+    ages = [5, 0, 7, 2, 1, 6, 3, 4]
+    rows = pd.DataFrame({"age_steps": ages, "margin": [0.5 - 0.1 * a for a in ages]})
+    newest, oldest = (0.5 + 0.4) / 2, (0.5 - 0.6 + 0.5 - 0.7) / 2  # ages 0, 1 and ages 6, 7
+    assert monitors.consistency_fall(rows) == pytest.approx(newest - oldest)
+    assert monitors.consistency_fall(rows.assign(margin=0.3)) == 0  # old keys as consistent as new ones
+    same_age = pd.DataFrame({"age_steps": [0] * 8, "margin": [0.9, 0.1] * 4})  # end-to-end: encoded now
+    assert monitors.consistency_fall(same_age) == 0
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, colour_image_folder):
     root = colour_image_folder(tmp_path_factory.mktemp("images"), per_class=8, val_per_class=1)

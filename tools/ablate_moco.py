@@ -10,10 +10,14 @@
 Each setting runs tools/pretrain_moco.py in its own folder under --output; a rerun of the same
 command skips finished settings and resumes interrupted ones from their last checkpoint. Writes
 OUTPUT/ablation.csv, ablation.md (printed) and knn.png, consistency.png, loss.png.
+
+--launcher slurm submits each setting as one SLURM job (its files under OUTPUT/slurm/<job id>/) and
+waits for them; --output must then be on a disk the nodes share.
 """
 import argparse
 import sys
 
+from transfer import slurm
 from transfer.errors import UserError, cli
 from transfer.pretrain import ablation
 
@@ -30,12 +34,15 @@ def parse_args(argv=None):
     p.add_argument("--data", help="ImageFolder root for every run (default: the built-in demo images)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="device of every run")
     p.add_argument("--output", default="results/ablation", help="one folder per setting, the table and figures")
-    p.add_argument("--jobs", type=int, help="runs at once on this machine (default: one per CPU core when the "
-                                            "runs are on the CPU, one thread each; else 1)")
+    p.add_argument("--launcher", default="local", choices=["local", "slurm"],
+                   help="local: the runs on this machine, --jobs at a time; slurm: one SLURM job per setting")
+    p.add_argument("--jobs", type=int, help="runs at once on this machine (--launcher local; default: one per CPU "
+                                            "core when the runs are on the CPU, one thread each; else 1)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per run, through torchrun")
     p.add_argument("--linear-eval", type=int, metavar="EPOCHS",
                    help="also train a linear classifier on each checkpoint for EPOCHS epochs (tools/linear_eval.py)")
     p.add_argument("--dry-run", action="store_true", help="print the settings and their state; run nothing")
+    slurm.add_arguments(p, "setting")
     return p.parse_args(argv)
 
 
@@ -61,7 +68,12 @@ def main(argv=None):
         for run in runs:
             print(f"  {run.label}: {run.state}")
         return
-    ablation.run_all(runs, args.jobs, args.nproc_per_node, args.linear_eval)
+    executor = None
+    if args.launcher == "slurm":
+        on_cpu = all(run.setting["device"] == "cpu" for run in runs)  # --device cpu: jobs that ask for no GPU
+        executor = slurm.executor(args.output, 0 if on_cpu else args.nproc_per_node, **slurm.options(args),
+                                  name="moco-ablation")
+    ablation.run_all(runs, args.jobs, args.nproc_per_node, args.linear_eval, executor=executor)
     swept = list(dict.fromkeys(["mechanism", *(k for group in plan.groups for k in group)]))
     markdown = ablation.write_table(ablation.table(runs, swept), args.output)
     figures = ablation.figures(runs, args.output)

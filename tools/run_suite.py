@@ -34,7 +34,7 @@ import signal
 import sys
 from pathlib import Path
 
-from transfer import REPO, regimes, report, suite
+from transfer import REPO, regimes, report, slurm, suite
 from transfer.errors import UserError, cli
 from transfer.fileio import DiskError
 from transfer.tasks import ALL, FAMILIES
@@ -73,11 +73,7 @@ def parse_args(argv=None):
     p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                    help="detectron2 config overrides for every run, after all flags (e.g. "
                         "SOLVER.IMS_PER_BATCH 8); an output folder keeps the overrides it was started with")
-    slurm = p.add_argument_group("SLURM (--launcher slurm): one job per run")
-    slurm.add_argument("--partition", help="SLURM partition")
-    slurm.add_argument("--time", type=int, default=24 * 60, metavar="MINUTES", help="time limit per run")
-    slurm.add_argument("--cpus-per-gpu", type=int, default=8)
-    slurm.add_argument("--mem-gb", type=int, help="memory per job")
+    slurm.add_arguments(p, "run")
     return p.parse_args(argv)
 
 
@@ -97,8 +93,7 @@ def make_launcher(args, datasets):
     if args.num_gpus < 1:
         raise UserError(f"--num-gpus: must be at least 1, got {args.num_gpus}")
     if args.launcher == "slurm":
-        return suite.SlurmLauncher(args.output, args.num_gpus, datasets, args.opts, args.partition,
-                                   args.time, args.cpus_per_gpu, args.mem_gb)
+        return suite.SlurmLauncher(args.output, args.num_gpus, datasets, args.opts, **slurm.options(args))
     if args.num_gpus > 1:
         import torch
 

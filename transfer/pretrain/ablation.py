@@ -12,9 +12,10 @@ does not use (moco_m for the memory bank), so two groups that reach the same one
 
 A run with result "ok" or "diverged" is never run again; a failed or interrupted one is, from its
 last checkpoint. The label names what differs from the preset ("moco_m=0.0", "mechanism=memory_bank";
-the preset's name for the preset itself). Runs are launched on this machine, ``jobs`` at a time (on a
-CPU: one per core, one thread each), each as a tools/pretrain_moco.py process (under torchrun with
-``nproc_per_node`` > 1).
+the preset's name for the preset itself). Each run is a tools/pretrain_moco.py process (under torchrun
+with ``nproc_per_node`` > 1) holding the lock of its folder, launched like a suite's runs: on this
+machine, ``jobs`` at a time (on a CPU: one per core, one thread each), or as one SLURM job per run
+(a submitit executor from transfer/slurm.py), the job taking the same lock on the shared disk.
 """
 import concurrent.futures
 import contextlib
@@ -24,6 +25,7 @@ import itertools
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +34,7 @@ import yaml
 
 from transfer import REPO, fileio
 from transfer.errors import UserError
-from transfer.pretrain import config
+from transfer.pretrain import config, monitors
 from transfer.pretrain.engine import CHECKPOINT
 
 PLANS = config.PRESETS / "ablations"
@@ -197,11 +199,8 @@ def execute(run, nproc_per_node=1, linear_epochs=None, threads=None):
     """Run (or resume) one setting to its end, then linear evaluation if asked; writes result.json.
     Returns the result, or None when another invocation holds the run. ``threads``: CPU threads of
     the run's process (OMP_NUM_THREADS), when several share the machine."""
-    run.folder.mkdir(parents=True, exist_ok=True)
-    with open(run.folder / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with _locked(run) as mine:
+        if not mine:
             return None
         if run.state != "done":
             fileio.atomic_write_text(run.folder / SETTING, yaml.safe_dump(
@@ -220,9 +219,25 @@ def execute(run, nproc_per_node=1, linear_epochs=None, threads=None):
         return run.result
 
 
+@contextlib.contextmanager
+def _locked(run):
+    """The run's lock (a file lock, which holds across the machines of a shared disk): yields whether
+    this process got it; released at the end of the block."""
+    run.folder.mkdir(parents=True, exist_ok=True)
+    with open(run.folder / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
 def _linear_eval(run, epochs):
+    from transfer.datasets import demo
+
     s = run.setting
-    data = s["data"] or str(_demo_images())
+    data = s["data"] or str(demo.images())
     command = [sys.executable, str(LINEAR_EVAL), "--pretrained", str(run.folder / CHECKPOINT), "--data", data,
                "--output", str(run.folder / "lincls"), "--epochs", str(epochs), "--image-size", str(s["image_size"]),
                "-j", str(s["workers"]), "--seed", str(s["seed"])]
@@ -233,21 +248,19 @@ def _linear_eval(run, epochs):
         fileio.atomic_write_text(run.folder / RESULT, json.dumps(record, indent=1))
 
 
-def _demo_images():
-    from transfer.datasets import demo
-
-    return demo.ensure() / "imagenet"
-
-
 def _diverged(folder):
     rows = _read_csv(folder / "log.csv")
     return rows is not None and any(not math.isfinite(float(loss)) for loss in rows["loss"])
 
 
 def _last_error(log_path):
-    """The tool's ``error:`` line, else the last line of the log."""
-    text = log_path.read_text(errors="replace").replace("\r", "\n")  # progress bars rewrite their line
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return _error_line(log_path.read_text(errors="replace"))
+
+
+def _error_line(text):
+    """The tool's ``error:`` line, else the last line that says something (not a rule of dashes)."""
+    text = text.replace("\r", "\n")  # progress bars rewrite their line
+    lines = [line.strip() for line in text.splitlines() if line.strip().strip("-")]
     errors = [line for line in lines if line.startswith("error:")]
     return (errors or lines or ["(no output)"])[-1][:500]
 
@@ -263,30 +276,85 @@ def _needs_linear_eval(run, linear_epochs):
             and not (run.folder / "lincls" / "linear_eval.json").is_file())
 
 
-def run_all(runs, jobs=None, nproc_per_node=1, linear_epochs=None, stream=None):
-    """Execute every run not done yet, ``jobs`` at a time (default: one per CPU core when the runs are
-    on the CPU, else one); a line per run as it starts and ends (on ``stream``, default stdout)."""
+def run_all(runs, jobs=None, nproc_per_node=1, linear_epochs=None, stream=None, executor=None):
+    """Execute every run not done yet: on this machine, ``jobs`` at a time (default: one per CPU core
+    when the runs are on the CPU, else one), or, given a submitit ``executor`` (transfer/slurm.py), each
+    as one job. A line per run as it starts and ends (on ``stream``, default stdout)."""
     pending = [r for r in runs if r.state != "done" or _needs_linear_eval(r, linear_epochs)]
     for r in runs:
         if r not in pending:
             print(f"  {r.label}: done already ({r.result['status']})", file=stream, flush=True)
+    if executor is None:
+        _run_here(pending, jobs, nproc_per_node, linear_epochs, stream)
+    else:
+        _run_as_jobs(pending, executor, nproc_per_node, linear_epochs, stream)
+
+
+def _run_here(pending, jobs, nproc_per_node, linear_epochs, stream):
     cores = len(os.sched_getaffinity(0))
-    jobs = jobs or (cores if all(_on_cpu(r.setting) for r in runs) else 1)
+    jobs = jobs or (cores if all(_on_cpu(r.setting) for r in pending) else 1)
     # Runs side by side share the cores: one thread each is faster than threads that wait for each other.
     threads = max(1, cores // min(jobs, len(pending))) if jobs > 1 and pending else None
 
     def start(run):
-        print(f"  {run.label}: {'resuming' if run.state in ('partial', 'failed') else 'running'} in {run.folder}",
-              file=stream, flush=True)
+        _said(run, _starting(run), stream)
         return execute(run, nproc_per_node, linear_epochs, threads)
 
     with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
         futures = {pool.submit(start, r): r for r in pending}
         for future in concurrent.futures.as_completed(futures):
-            r, result = futures[future], future.result()
-            status = "running in another invocation" if result is None else result["status"]
-            detail = f": {result['error']}" if result and result.get("error") else ""
-            print(f"  {r.label}: {status}{detail}", file=stream, flush=True)
+            _said_result(futures[future], future.result(), stream)
+
+
+def _run_as_jobs(pending, executor, nproc_per_node, linear_epochs, stream):
+    """Submit each run that no other invocation holds as a job running ``execute``; wait for them all."""
+    import submitit
+
+    jobs = {}
+    for run in pending:
+        with _locked(run) as free:
+            pass  # asked, not kept: the job takes the lock itself, on whichever machine it lands
+        if not free:
+            _said_result(run, None, stream)
+            continue
+        job = executor.submit(execute, run, nproc_per_node, linear_epochs)
+        _said(run, f"submitted as job {job.job_id}, {_starting(run)}", stream)
+        jobs[job] = run
+    for job in submitit.helpers.as_completed(list(jobs)):
+        run = jobs[job]
+        try:
+            result = job.result()
+        except Exception as e:  # the job itself died: time limit, pre-emption, node failure
+            result = _job_died(run, job, e)
+        _said_result(run, result, stream)
+
+
+def _job_died(run, job, error):
+    """Record a job that died in result.json: failed, with the error's last line, so the table says so and
+    a rerun retries the run (from its last checkpoint); a run that had ended keeps its status."""
+    # A job's traceback ends with its exception, which submitit follows with where the job's logs are.
+    message = f"job {job.job_id} died: {_error_line(str(error).split('You can check full logs')[0])}"
+    if run.state == "done":  # it died in the linear evaluation
+        record = run.result | {"linear_eval_error": message}
+    else:
+        record = {"status": "failed", "error": message}
+    fileio.atomic_write_text(run.folder / RESULT, json.dumps(record, indent=1))
+    return record
+
+
+def _starting(run):
+    return f"{'resuming' if run.state in ('partial', 'failed') else 'running'} in {run.folder}"
+
+
+def _said(run, what, stream):
+    print(f"  {run.label}: {what}", file=stream, flush=True)
+
+
+def _said_result(run, result, stream):
+    """How the run ended; ``result`` None: another invocation was running it."""
+    status = "running in another invocation" if result is None else result["status"]
+    detail = "".join(f": {result[k]}" for k in ("error", "linear_eval_error") if result and result.get(k))
+    _said(run, f"{status}{detail}", stream)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -302,7 +370,8 @@ def table(runs, swept):
     """One row per run from its files: the swept settings ("-" where the mechanism ignores one), its
     status, final loss and contrastive accuracy (mean over the last epoch's log rows; accuracy over
     the first epoch too), k-NN top-1 at step 0 and at the end, linear top-1 (when evaluated), the
-    dictionary consistency, raw cosine and feature spread at the end, images/s, diverged."""
+    dictionary consistency, raw cosine and feature spread at the end, how much the consistency falls
+    with key age (``monitors.consistency_fall``, the mean over the monitors), images/s, diverged."""
     import pandas as pd
 
     rows = []
@@ -322,6 +391,10 @@ def table(runs, swept):
             row["k-NN % step 0"] = start["knn_top1"].iloc[0] if len(start) else math.nan
             row |= {"k-NN %": end["knn_top1"], "consistency": end["dict_consistency"],
                     "raw cosine": end["dict_cosine"], "feature spread": end["feature_spread"]}
+        consistency = _read_csv(run.folder / "dictionary_consistency.csv")
+        if consistency is not None and len(consistency):
+            row["consistency fall"] = statistics.fmean(monitors.consistency_fall(rows)
+                                                       for _, rows in consistency.groupby("step"))
         linear = run.folder / "lincls" / "linear_eval.json"
         if linear.is_file():
             row["linear top-1 %"] = json.loads(linear.read_text())["top1"]
@@ -345,22 +418,20 @@ def write_table(frame, output):
 
 
 def figures(runs, output):
-    """knn.png (k-NN top-1 by setting and over training), consistency.png (by key age at the last
-    monitor), loss.png (loss and contrastive accuracy over training): one colour per setting."""
-    from transfer.pretrain.monitors import finish_figure, plot_consistency_curves, pyplot
-
-    plt = pyplot()
+    """knn.png (k-NN top-1 by setting and over training), consistency.png (by key age at the first,
+    middle and last monitor), loss.png (loss and contrastive accuracy over training): one colour per setting."""
+    plt = monitors.pyplot()
     colours = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
     output = Path(output)
     logs = {r.label: _read_csv(r.folder / "log.csv") for r in runs}
-    monitors = {r.label: _read_csv(r.folder / "monitor.csv") for r in runs}
+    knn_rows = {r.label: _read_csv(r.folder / "monitor.csv") for r in runs}
     consistency = {r.label: _read_csv(r.folder / "dictionary_consistency.csv") for r in runs}
     colour = {r.label: colours(i) for i, r in enumerate(runs)}
 
     fig, (bars, lines) = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = [r.label for r in runs if monitors[r.label] is not None]
-    finals = [monitors[name]["knn_top1"].iloc[-1] for name in labels]
-    starts = [monitors[name].loc[monitors[name]["step"] == 0, "knn_top1"] for name in labels]
+    labels = [r.label for r in runs if knn_rows[r.label] is not None]
+    finals = [knn_rows[name]["knn_top1"].iloc[-1] for name in labels]
+    starts = [knn_rows[name].loc[knn_rows[name]["step"] == 0, "knn_top1"] for name in labels]
     bars.bar(range(len(labels)), finals, color=[colour[n] for n in labels])
     for i, start in enumerate(starts):
         if len(start):
@@ -371,16 +442,21 @@ def figures(runs, output):
     bars.set_title("k-NN top-1 by setting")
 
     for name in labels:
-        m = monitors[name]
+        m = knn_rows[name]
         lines.plot(m["epoch"], m["knn_top1"], marker="o", color=colour[name], label=name)
     lines.set_xlabel("epoch")
     lines.set_ylabel("k-NN top-1 (%)")
     lines.set_title("k-NN top-1 during training")
     bars.set_ylim(0, 120)  # room for the legend above the bars
-    finish_figure(fig, [bars, lines], output / "knn.png")
+    monitors.finish_figure(fig, [bars, lines], output / "knn.png")
 
-    last = {name: t[t["step"] == t["step"].max()] for name, t in consistency.items() if t is not None and len(t)}
-    plot_consistency_curves(last, output / "consistency.png", "Dictionary consistency at the last monitor", colour)
+    tables = {name: t for name, t in consistency.items() if t is not None and len(t)}
+    epochs = sorted({e for t in tables.values() for e in t.loc[t["step"] > 0, "epoch"]})  # step 0: nothing stored yet
+    shown = sorted({epochs[0], epochs[len(epochs) // 2], epochs[-1]}) if epochs else []
+    panels = {f"epoch {e}": {name: t[t["epoch"] == e] for name, t in tables.items() if (t["epoch"] == e).any()}
+              for e in shown}
+    monitors.plot_consistency_curves(panels, output / "consistency.png",
+                                     "Dictionary consistency by key age: the first, middle and last monitor", colour)
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, log in logs.items():
@@ -394,6 +470,6 @@ def figures(runs, output):
     axes[1].set_title("Pretext accuracy")
     for ax in axes:
         ax.set_xlabel("training step")
-    finish_figure(fig, axes, output / "loss.png")
+    monitors.finish_figure(fig, axes, output / "loss.png")
     return [output / "knn.png", output / "consistency.png", output / "loss.png"]
 

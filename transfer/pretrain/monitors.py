@@ -152,31 +152,48 @@ def age_curve(rows, column, max_points=10):
     return curve.index, curve.values
 
 
+def consistency_fall(rows):
+    """How much a dictionary's consistency falls with key age at one monitor (rows of one step of a
+    consistency table): the mean margin of its newest quarter of keys minus that of its oldest
+    quarter. Near 0 when old keys are as consistent as new ones; large when old keys have rotted
+    (memory-bank rows written by the encoders of many steps ago). 0 when every key has the same age
+    (end-to-end: its keys are encoded now)."""
+    if rows["age_steps"].nunique() < 2:
+        return 0.0
+    margins = rows.sort_values("age_steps", kind="stable")["margin"].to_numpy()
+    quarter = max(1, len(margins) // 4)
+    return float(margins[:quarter].mean() - margins[-quarter:].mean())
+
+
 def plot_consistency(csv_path, png_path, title="Dictionary consistency"):
     """A run's dictionary_consistency.csv: one curve per monitored epoch."""
     import pandas as pd
 
     table = pd.read_csv(csv_path)
-    plot_consistency_curves({f"epoch {epoch}": rows for epoch, rows in table.groupby("epoch")}, png_path, title)
+    curves = {f"epoch {epoch}": rows for epoch, rows in table.groupby("epoch")}
+    plot_consistency_curves({"": curves}, png_path, title)
 
 
-def plot_consistency_curves(tables, png_path, title, colours=None):
-    """Two panels against key age, the consistency margin and the raw cosine: one curve per
-    (label, rows of a consistency table), in ``colours[label]`` when given."""
+def plot_consistency_curves(panels, png_path, title, colours=None):
+    """Consistency against key age. For each (panel title, {label: rows of a consistency table}) a
+    column of two panels, the margin above and the raw cosine below, one curve per label (in
+    ``colours[label]`` when given)."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label, rows in tables.items():
-        for ax, column in zip(axes, ("margin", "cosine")):
-            ages, values = age_curve(rows, column)
-            ax.plot(ages, values, marker="o", label=label, color=(colours or {}).get(label))
-    axes[0].set_ylabel("cos(stored, re-encoded) - mean cos(other images)")
-    axes[0].set_title("consistency relative to the spread")
-    axes[1].set_ylabel("cos(stored key, same crop re-encoded now)")
-    axes[1].set_title("raw cosine (fooled by collapse)")
-    for ax in axes:
-        ax.set_xlabel("key age (training steps)")
+    fig, axes = plt.subplots(2, len(panels), figsize=(6 * len(panels), 8), squeeze=False)
+    for column, (name, curves) in enumerate(panels.items()):
+        margin, cosine = axes[:, column]
+        for label, rows in curves.items():
+            for ax, value in ((margin, "margin"), (cosine, "cosine")):
+                ages, values = age_curve(rows, value)
+                ax.plot(ages, values, marker="o", label=label, color=(colours or {}).get(label))
+        prefix = f"{name}: " if name else ""
+        margin.set_title(prefix + "consistency relative to the spread")
+        cosine.set_title(prefix + "raw cosine (fooled by collapse)")
+        margin.set_ylabel("cos(stored, re-encoded) - mean cos(other images)")
+        cosine.set_ylabel("cos(stored key, same crop re-encoded now)")
+        cosine.set_xlabel("key age (training steps)")
     fig.suptitle(title)
-    finish_figure(fig, axes, png_path)
+    finish_figure(fig, axes.ravel(), png_path)
 
 
 def finish_figure(fig, axes, path):

@@ -8,9 +8,8 @@ submits each run as a job through submitit, and the job takes the same lock on t
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from transfer.errors import UserError
+from transfer import slurm
 from transfer.runs import Run, locked_by, read_metrics, record_failure, state
 from transfer.suite.execution import LOG, Outcome, execute, outcome_of, reuse
 from transfer.suite.planning import describe
@@ -44,26 +43,15 @@ class LocalLauncher:
 class SlurmLauncher:
     """Each run as one SLURM job (submitit): one node, ``num_gpus`` GPUs, the same lock on shared disk.
 
-    ``cluster`` is submitit's: None picks SLURM when ``sbatch`` exists; "local" or "debug" run the
-    same jobs on this machine (what the tests use).
+    The job's resources and ``cluster`` (None: SLURM; "local" or "debug": this machine, what the tests
+    use) are transfer/slurm.py's ``executor``'s.
     """
 
     def __init__(self, output, num_gpus: int = 1, datasets=None, opts=(), partition: str | None = None,
                  time_min: int = 24 * 60, cpus_per_gpu: int = 8, mem_gb: int | None = None,
                  cluster: str | None = None):
-        import submitit
-
         self.num_gpus, self.datasets, self.opts = num_gpus, datasets, tuple(opts)
-        self.executor = submitit.AutoExecutor(folder=Path(output) / "slurm" / "%j", cluster=cluster)
-        if cluster is None and self.executor.cluster != "slurm":
-            raise UserError("--launcher slurm: no SLURM found on this machine (sbatch is not on PATH)")
-        parameters = dict(name="moco-transfer", nodes=1, tasks_per_node=1, timeout_min=time_min,
-                          cpus_per_task=cpus_per_gpu * max(1, num_gpus), slurm_partition=partition)
-        if self.executor.cluster == "slurm":
-            parameters["gpus_per_node"] = num_gpus
-        if mem_gb:
-            parameters["mem_gb"] = mem_gb
-        self.executor.update_parameters(**{k: v for k, v in parameters.items() if v is not None})
+        self.executor = slurm.executor(output, num_gpus, partition, time_min, cpus_per_gpu, mem_gb, cluster)
 
     def __call__(self, runs: list[Run], on_start, on_done) -> list[Outcome]:
         import submitit
