@@ -81,7 +81,8 @@ def test_the_runner_resumes_an_interrupted_run_reports_divergence_and_never_runs
     frame = ablation.table(runs, ["mechanism", "lr"])
     assert frame["status"].tolist() == ["ok", "ok", "diverged"] and frame["diverged"].tolist() == ["no", "no", "yes"]
     assert frame.loc[1, "lr"] == "0.03" and frame.loc[0, "mechanism"] == "moco"
-    assert frame.loc[0, ["final loss", "k-NN %", "k-NN % step 0", "consistency", "images/s"]].notna().all()
+    filled = ["final loss", "k-NN %", "k-NN % step 0", "consistency", "consistency fall", "images/s"]
+    assert frame.loc[0, filled].notna().all()
     markdown = ablation.write_table(frame, tmp_path)
     assert "| mechanism=memory_bank |" in markdown and (tmp_path / "ablation.csv").is_file()
     for png in ablation.figures(runs, tmp_path):
