@@ -1,10 +1,13 @@
 """Atomic file writes (a reader, or a resumed suite, never sees a half-written file), file hashes,
-and YAML files read with a one-line error when they are not what they should be."""
+YAML files read with a one-line error when they are not what they should be, and the lock a run's
+folder is held with."""
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -140,3 +143,72 @@ def read_yaml_mapping(path, holds: str) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected {holds}, found a YAML {type(data).__name__}")
     return data
+
+
+# ---------------------------------------------------------------------------------------------
+# The lock of a folder (a fine-tuning run's, a pre-training sweep's setting)
+
+LOCK = ".lock"
+
+
+class FolderBusy(Exception):
+    """Another process holds the folder's lock; the message names it."""
+
+
+class FolderLock:
+    """An exclusive, non-blocking (or waiting) flock on ``<folder>/.lock``, naming its holder in the file.
+
+    flock locks belong to the open file, so a subprocess that inherits the descriptor keeps the folder
+    locked even if its parent is killed; the kernel drops the lock when the last holder exits, and
+    it holds across the machines of a shared disk. A folder where the lock cannot be made
+    (read-only, full) is a DiskError naming it.
+    """
+
+    def __init__(self, folder, wait: bool = False):
+        self.path = Path(folder) / LOCK
+        self.wait = wait
+        self.fd = -1
+
+    def __enter__(self):
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise (disk_error(self.path, e) or e) from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(self.fd)
+            raise FolderBusy(_holder(self.path)) from None
+        os.ftruncate(self.fd, 0)
+        try:
+            os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except OSError:  # a full disk: the folder is locked all the same, its holder just goes unnamed
+            pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+
+
+def _holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "another process"
+    except OSError:
+        return "another process"
+
+
+def locked_by(folder) -> str | None:
+    """Who holds the folder's lock right now, or None (asked without taking it over)."""
+    path = Path(folder) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(path)
+    finally:
+        os.close(fd)  # also lets go of the lock if it was taken
+    return None

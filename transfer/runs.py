@@ -24,7 +24,6 @@ metrics) is an unreadable run: the suite runs it again and the reports count it 
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -38,7 +37,7 @@ from transfer.errors import UserError
 
 BASELINE = "supervised"  # the weights label every other weights file is compared with
 RECORD = "metrics.json"
-LOCK = ".lock"
+LOCK = fileio.LOCK
 ATTEMPTS = "attempts.log"
 PREVIOUS_RECORD = "metrics.previous.json"  # a failed attempt's record, set aside while the run runs again
 
@@ -190,65 +189,20 @@ def state(run: Run) -> str:
 # ---------------------------------------------------------------------------------------------
 # The lock
 
-class RunBusy(Exception):
-    """Another process holds the run's lock."""
+RunBusy = fileio.FolderBusy  # another process holds the run's lock
 
 
-class RunLock:
-    """An exclusive, non-blocking (or waiting) flock on ``<run dir>/.lock``.
-
-    flock locks belong to the open file, so a subprocess that inherits the descriptor keeps the run
-    locked even if the suite itself is killed; the kernel drops the lock when the last holder exits.
-    A folder where the lock cannot be made (read-only, full) is a DiskError naming it.
-    """
+class RunLock(fileio.FolderLock):
+    """The run's folder lock (``fileio.FolderLock``): the suite takes it, and the tools/finetune.py
+    subprocess inherits it, so the run stays locked as long as either of them lives."""
 
     def __init__(self, run: Run, wait: bool = False):
-        self.path = run.dir / LOCK
-        self.wait = wait
-        self.fd = -1
-
-    def __enter__(self) -> RunLock:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise (fileio.disk_error(self.path, e) or e) from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(self.fd)
-            raise RunBusy(_holder(self.path)) from None
-        os.ftruncate(self.fd, 0)
-        try:
-            os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        except OSError:  # a full disk: the run is locked all the same, its holder just goes unnamed
-            pass
-        return self
-
-    def __exit__(self, *exc) -> None:
-        os.close(self.fd)
-
-
-def _holder(path: Path) -> str:
-    try:
-        return path.read_text().strip() or "another process"
-    except OSError:
-        return "another process"
+        super().__init__(run.dir, wait)
 
 
 def locked_by(run: Run) -> str | None:
     """Who holds the run's lock right now, or None (asked without taking it over)."""
-    try:
-        fd = os.open(run.dir / LOCK, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return _holder(run.dir / LOCK)
-    finally:
-        os.close(fd)  # also lets go of the lock if it was taken
-    return None
+    return fileio.locked_by(run.dir)
 
 
 # ---------------------------------------------------------------------------------------------

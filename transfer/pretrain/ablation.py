@@ -20,7 +20,6 @@ machine, ``jobs`` at a time (on a CPU: one per core, one thread each), or as one
 import concurrent.futures
 import contextlib
 import dataclasses
-import fcntl
 import itertools
 import json
 import math
@@ -199,38 +198,29 @@ def execute(run, nproc_per_node=1, linear_epochs=None, threads=None):
     """Run (or resume) one setting to its end, then linear evaluation if asked; writes result.json.
     Returns the result, or None when another invocation holds the run. ``threads``: CPU threads of
     the run's process (OMP_NUM_THREADS), when several share the machine."""
-    with _locked(run) as mine:
-        if not mine:
-            return None
-        if run.state != "done":
-            fileio.atomic_write_text(run.folder / SETTING, yaml.safe_dump(
-                {k: v for k, v in run.setting.items() if k not in ("output", "resume")}, sort_keys=False))
-            with open(run.folder / "pretrain.log", "a") as log:
-                env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
-                code = subprocess.run(_command(run, nproc_per_node), stdout=log, stderr=subprocess.STDOUT,
-                                      env=env).returncode
-            status = "ok" if code == 0 else "diverged" if _diverged(run.folder) else "failed"
-            record = {"status": status, "exit_code": code}
-            if status != "ok":
-                record["error"] = _last_error(run.folder / "pretrain.log")
-            fileio.atomic_write_text(run.folder / RESULT, json.dumps(record, indent=1))
-        if _needs_linear_eval(run, linear_epochs):
-            _linear_eval(run, linear_epochs)
-        return run.result
+    try:
+        with fileio.FolderLock(run.folder):  # the lock of a suite's run folder, held the same way
+            return _run_to_the_end(run, nproc_per_node, linear_epochs, threads)
+    except fileio.FolderBusy:
+        return None
 
 
-@contextlib.contextmanager
-def _locked(run):
-    """The run's lock (a file lock, which holds across the machines of a shared disk): yields whether
-    this process got it; released at the end of the block."""
-    run.folder.mkdir(parents=True, exist_ok=True)
-    with open(run.folder / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
+def _run_to_the_end(run, nproc_per_node, linear_epochs, threads):
+    if run.state != "done":
+        fileio.atomic_write_text(run.folder / SETTING, yaml.safe_dump(
+            {k: v for k, v in run.setting.items() if k not in ("output", "resume")}, sort_keys=False))
+        with open(run.folder / "pretrain.log", "a") as log:
+            env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+            code = subprocess.run(_command(run, nproc_per_node), stdout=log, stderr=subprocess.STDOUT,
+                                  env=env).returncode
+        status = "ok" if code == 0 else "diverged" if _diverged(run.folder) else "failed"
+        record = {"status": status, "exit_code": code}
+        if status != "ok":
+            record["error"] = _last_error(run.folder / "pretrain.log")
+        fileio.atomic_write_text(run.folder / RESULT, json.dumps(record, indent=1))
+    if _needs_linear_eval(run, linear_epochs):
+        _linear_eval(run, linear_epochs)
+    return run.result
 
 
 def _linear_eval(run, epochs):
@@ -312,9 +302,7 @@ def _run_as_jobs(pending, executor, nproc_per_node, linear_epochs, stream):
 
     jobs = {}
     for run in pending:
-        with _locked(run) as free:
-            pass  # asked, not kept: the job takes the lock itself, on whichever machine it lands
-        if not free:
+        if fileio.locked_by(run.folder):  # asked, not taken: the job takes the lock itself, wherever it lands
             _said_result(run, None, stream)
             continue
         job = executor.submit(execute, run, nproc_per_node, linear_epochs)
