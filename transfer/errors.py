@@ -43,3 +43,11 @@ def cli(main):
             sys.exit(2)
 
     return wrapper
+
+
+def said(output: str) -> str | None:
+    """The last one-line error a tool printed (``error: <message>``, as ``cli`` prints it) in its
+    output, without the prefix; None when it printed none."""
+    messages = [line.strip().removeprefix("error: ") for line in output.replace("\r", "\n").splitlines()
+                if line.strip().startswith("error: ")]
+    return messages[-1] if messages else None

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from transfer import REPO, fileio
+from transfer import REPO, errors, fileio
 from transfer.errors import UserError
 from transfer.pretrain import config, monitors
 from transfer.pretrain.engine import CHECKPOINT
@@ -249,10 +249,12 @@ def _last_error(log_path):
 
 def _error_line(text):
     """The tool's ``error:`` line, else the last line that says something (not a rule of dashes)."""
+    message = errors.said(text)
+    if message:
+        return f"error: {message}"[:500]
     text = text.replace("\r", "\n")  # progress bars rewrite their line
     lines = [line.strip() for line in text.splitlines() if line.strip().strip("-")]
-    errors = [line for line in lines if line.startswith("error:")]
-    return (errors or lines or ["(no output)"])[-1][:500]
+    return (lines or ["(no output)"])[-1][:500]
 
 
 def _on_cpu(setting):

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transfer import REPO, fileio, regimes, runs
+from transfer import REPO, errors, fileio, regimes, runs
 from transfer.runs import Run, RunBusy, RunLock, read_metrics, state
 
 FINETUNE = REPO / "tools" / "finetune.py"
@@ -89,8 +89,7 @@ def _exit_reason(code: int, peak_mb: float | None, log_tail: str = "") -> str:
         name = f" ({signal.Signals(-code).name})" if -code in signal.valid_signals() else ""
         return f"tools/finetune.py was killed by signal {-code}{name}"
     # A tool's one-line error (transfer.errors.cli): e.g. the record itself did not fit on the disk.
-    said = [line.removeprefix("error: ") for line in log_tail.splitlines() if line.startswith("error: ")]
-    return said[-1] if said else f"tools/finetune.py exited with code {code} without writing metrics.json"
+    return errors.said(log_tail) or f"tools/finetune.py exited with code {code} without writing metrics.json"
 
 
 def _open_log(path: Path):
