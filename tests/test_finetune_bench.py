@@ -29,6 +29,16 @@ def test_bench_times_the_tasks_training_step(tmp_path):
                                   datasets_root=demo.ensure())
 
 
+
+@pytest.mark.slow
+def test_bench_times_a_custom_dataset_task(tmp_path):
+    from test_finetune import _coco_custom  # a user's COCO json, described by a dataset YAML
+
+    task = _coco_custom(demo.ensure(), tmp_path / "shapes")
+    row = finetune_bench.time_steps(str(task), finetune_bench.random_init_weights(tmp_path), "fp32", "demo",
+                                    batch=2, warmup=1, iters=1)
+    assert row.batch == 2 and row.s_per_iter > 0
+
 def test_sync_free_heads_replace_detectron2s_rpn_and_our_roi_heads(moco_weights):
     from transfer.finetune import resolve_config
     from transfer.tasks import get_task

@@ -132,11 +132,11 @@ def time_steps(task_name: str, weights, precision: str, schedule: str = "demo", 
     from transfer.d2.sync_free import with_heads
     from transfer.d2.trainer import Trainer
     from transfer.datasets import catalog
-    from transfer.finetune import resolve_config
+    from transfer.finetune import register_datasets, resolve_config
     from transfer.tasks import get_task
 
     task = get_task(task_name)
-    catalog.register_all(datasets_root)
+    register_datasets(task_name, datasets_root)  # a custom task's datasets too
     catalog.check([*task.train], datasets_root)
     extra = list(opts) + (["SOLVER.IMS_PER_BATCH", batch] if batch else [])
     with tempfile.TemporaryDirectory() as out:
