@@ -239,3 +239,18 @@ def test_two_cpu_processes_and_resume(moco_weights, demo_root, tmp_path):
     assert record["status"] == "ok" and record["iterations"] == 6
     log = (tmp_path / "log.txt").read_text()
     assert "Starting training from iteration 4" in log
+
+
+def test_a_disk_error_raised_in_a_spawned_training_process_is_recognised_like_one_raised_here(tmp_path):
+    # Only the text of a spawned process's exception comes back (torch.multiprocessing's ProcessRaisedException).
+    spawned = Exception("\n\n-- Process 1 terminated with the following error:\nTraceback (most recent call last):\n"
+                        '  File "x.py", line 1, in <module>\n'
+                        f"transfer.fileio.DiskError: {tmp_path}/model_final.pth: cannot write it: no space left "
+                        "(3 MiB free)\n")
+    disk = ft._disk_error(spawned, tmp_path)
+    assert isinstance(disk, fileio.DiskError)
+    assert str(disk) == f"{tmp_path}/model_final.pth: cannot write it: no space left (3 MiB free)"
+    no_room = Exception("Traceback (most recent call last):\nOSError: [Errno 28] No space left on device: 'x'\n")
+    assert str(ft._disk_error(no_room, tmp_path)).startswith(f"{tmp_path}: cannot write in it: no space left")
+    other = Exception("Traceback (most recent call last):\nValueError: not a disk error\n")
+    assert ft._disk_error(other, tmp_path) is None and ft._one_line(other) == "ValueError: not a disk error"

@@ -558,8 +558,8 @@ NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # errors of writes only (EA
 def _disk_error(error: BaseException, folder: Path) -> fileio.DiskError | None:
     """The full disk (or read-only folder) behind a failed run, as one line naming the path: a
     DiskError (a checkpoint or result that did not fit), an OSError of no room anywhere in the
-    exception's chain (a log, an evaluation output written in place), or one that a spawned
-    process's traceback ends with (its file unknown: the run folder is named)."""
+    exception's chain (a log, an evaluation output written in place), or either of them that a
+    spawned process's traceback ends with."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -567,20 +567,25 @@ def _disk_error(error: BaseException, folder: Path) -> fileio.DiskError | None:
             return error
         if isinstance(error, OSError) and error.errno in NO_ROOM:
             return fileio.disk_error(error.filename or folder, error)
-        code = _spawned_errno(error)
-        if code in NO_ROOM:
-            return fileio.disk_error(folder, OSError(code, os.strerror(code)))
+        spawned = _spawned_disk_error(error, folder)
+        if spawned:
+            return spawned
         error = error.__cause__ or error.__context__
     return None
 
 
-def _spawned_errno(error: BaseException) -> int | None:
-    """The errno of the OSError a spawned process's traceback ends with (only its text comes back)."""
+def _spawned_disk_error(error: BaseException, folder: Path) -> fileio.DiskError | None:
+    """The DiskError, or OSError of no room, that a spawned process's traceback ends with (only its
+    text comes back: a DiskError's message names the path; for an OSError the run folder is named)."""
     text = str(error).strip()
     if "Traceback" not in text:
         return None
-    found = re.match(r"\w*Error: \[Errno (\d+)\]", text.splitlines()[-1].strip())
-    return int(found[1]) if found else None
+    kind, _, message = text.splitlines()[-1].strip().partition(": ")
+    if kind.endswith(".DiskError"):
+        return fileio.DiskError(message)
+    found = re.match(r"\w*Error: \[Errno (\d+)\]", f"{kind}: {message}")
+    code = int(found[1]) if found else None
+    return fileio.disk_error(folder, OSError(code, os.strerror(code))) if code in NO_ROOM else None
 
 
 def remove_partial_files(folder: Path) -> None:
@@ -597,12 +602,10 @@ def remove_partial_files(folder: Path) -> None:
 
 def _one_line(error: Exception) -> str:
     """``Type: message``; for an error raised in a spawned process, the last line of its traceback
-    (a DiskError's message alone: it names the path)."""
+    (a disk error's is ``_disk_error``'s)."""
     text = str(error).strip()
     if "Traceback" in text:
-        last = text.splitlines()[-1].strip()
-        kind, _, message = last.partition(": ")
-        return message if kind.endswith(".DiskError") else last
+        return text.splitlines()[-1].strip()
     if "is killed by signal: Killed" in text:  # the kernel's OOM killer took a data loader worker
         return f"killed (out of memory?): a data loader worker got SIGKILL ({text.splitlines()[0]})"
     return f"{type(error).__name__}: {text}"
