@@ -110,7 +110,7 @@ def execute(run: Run, num_gpus: int = 1, datasets=None, opts=(), wait: bool = Fa
         with RunLock(run, wait=wait) as lock:
             runs.end_unfinished_attempt(run)
             if state(run) == "done":
-                return Outcome(run, "ok", read_metrics(run).get("metrics") or {})
+                return outcome_of(run, read_metrics(run))
             runs.start_attempt(run)
             log = run.dir / LOG
             with _open_log(log) as out:
@@ -147,7 +147,7 @@ def reuse(run: Run, original: Run) -> Outcome:
 
     with RunLock(run, wait=True):
         if state(run) == "done":
-            return Outcome(run, "ok", read_metrics(run).get("metrics") or {})
+            return outcome_of(run, read_metrics(run))
         if state(original) not in ("done", "failed"):
             return Outcome(run, "busy", error=f"it repeats {original.name}, which has not finished")
         record = dict(read_metrics(original), task=run.task_spec or run.task, seed=run.seed,

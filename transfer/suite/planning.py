@@ -187,13 +187,15 @@ def repeated_runs(runs: list[Run], num_gpus: int = 1, datasets=None, opts=()) ->
     config cannot be resolved here repeats nothing; its own run reports what is wrong.
     """
     from transfer.finetune import experiment_key
+    from transfer.tasks import get_task
 
-    keys, first, repeats = {}, {}, {}
+    tasks, keys, first, repeats = {}, {}, {}, {}  # tasks: a custom task's data is read once, not per spec
     for run in runs:
         spec = (run.task_spec or run.task, run.weights.path, run.schedule, run.fraction, run.backbone)
         if spec not in keys:
             try:
-                keys[spec] = experiment_key(*spec[:3], datasets, num_gpus, opts, *spec[3:])
+                task = tasks[spec[0]] = tasks.get(spec[0]) or get_task(spec[0])
+                keys[spec] = experiment_key(task, *spec[1:3], datasets, num_gpus, opts, *spec[3:])
             except Exception:  # noqa: BLE001  (the run itself reports the error)
                 keys[spec] = spec
         key = (keys[spec], run.weights, run.seed)
