@@ -22,6 +22,7 @@ from PIL import Image
 
 from transfer.pretrain import engine, jpeg_data
 from transfer.pretrain.augment import MEAN, STD, TwoCropDataset, ViewSampler, moco_augmentation
+from transfer.pretrain.precision import autocast_dtype
 
 BANK_IMAGES = 1_281_167  # --mechanism memory_bank: a bank the size of ImageNet's train set
 
@@ -93,14 +94,6 @@ def build_model(cfg, setting, device):
     return model, optimizer
 
 
-def train_step(model, optimizer, im_q, im_k, ids, setting, device):
-    """The step of ``engine.Trainer.train``."""
-    if setting.channels_last:
-        im_q, im_k = (x.contiguous(memory_format=torch.channels_last) for x in (im_q, im_k))
-    amp_dtype = torch.bfloat16 if setting.precision == "bf16" else None
-    return engine.train_step(model, optimizer, im_q, im_k, ids.to(device, non_blocking=True), amp_dtype)[0].detach()
-
-
 def build_loader(cfg, setting, root, batch_size, workers, device, epochs=1000):
     """An endless loader of (im_q, im_k, view_ids) on ``device`` for the setting's backend."""
     transform = moco_augmentation(cfg.image_size, cfg.aug_plus)
@@ -153,10 +146,11 @@ def measure(cfg, setting, root, batch_size, workers, device, warmup, steps):
     """{data, compute, end_to_end (images/s), peak_memory_gib} for one setting."""
     model, optimizer = build_model(cfg, setting, device)
     model.train()
+    amp_dtype = autocast_dtype(setting.precision, device)
 
-    def step(batch):
-        im_q, im_k, ids = _on_device(batch, device)
-        train_step(model, optimizer, im_q, im_k, ids, setting, device)
+    def step(batch):  # the step of engine.Trainer.train
+        im_q, im_k, ids = engine.batch_to_device(batch, device, setting.channels_last)
+        engine.train_step(model, optimizer, im_q, im_k, ids, amp_dtype)
         return im_q.shape[0]
 
     def load(batch):

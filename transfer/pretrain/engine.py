@@ -236,6 +236,15 @@ def train_step(net, optimizer, im_q, im_k, ids, amp_dtype):
     return loss, logits, labels
 
 
+def batch_to_device(batch, device, channels_last):
+    """A batch (im_q, im_k, view_ids) on ``device`` (a no-op for the gpu backend), the images in
+    channels_last memory format when asked."""
+    im_q, im_k, ids = (x.to(device, non_blocking=True) for x in batch)
+    if channels_last:
+        im_q, im_k = (x.contiguous(memory_format=torch.channels_last) for x in (im_q, im_k))
+    return im_q, im_k, ids
+
+
 def two_crop_loader(cfg, proc, dataset, start_step, channels_last):
     """Batches (im_q, im_k, view_ids) of this process from ``start_step`` on, from either backend:
     cpu: PIL augmentation in DataLoader workers; gpu: JPEG bytes decoded and augmented on the device."""
@@ -344,12 +353,6 @@ class Trainer:
     def autocast(self):
         return autocast(self.proc.device, self.amp_dtype)
 
-    def batch_to_device(self, batch):
-        im_q, im_k, ids = (x.to(self.proc.device, non_blocking=True) for x in batch)  # no-op for the gpu backend
-        if self.channels_last:
-            im_q, im_k = (x.contiguous(memory_format=torch.channels_last) for x in (im_q, im_k))
-        return im_q, im_k, ids
-
     def train(self, loader, step, last_step, stop, checkpoint):
         cfg, proc = self.cfg, self.proc
         total_steps = cfg.epochs * self.steps_per_epoch
@@ -366,7 +369,7 @@ class Trainer:
             lr = learning_rate(cfg, epoch)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            im_q, im_k, ids = self.batch_to_device(batch)
+            im_q, im_k, ids = batch_to_device(batch, self.proc.device, self.channels_last)
             loss, logits, labels = train_step(self.net, self.optimizer, im_q, im_k, ids, self.amp_dtype)
             step += 1
 

@@ -77,7 +77,8 @@ class MemoryBank(nn.Module):
         seen = (self.memory_ids >= 0).nonzero().squeeze(1)
         ages = self.step - self.memory_step[seen]
         n = min(len(seen), max_keys) // global_batch * global_batch
-        by_age = seen[ages.argsort(stable=True)]  # rows of one training batch stay together
-        rows = by_age[torch.linspace(0, len(seen) - 1, n, device=seen.device).round().long()] if n else seen[:0]
-        ages = (self.step - self.memory_step[rows]).cpu()
-        return contrastive.StoredKeys(self.memory[rows], self.memory_ids[rows], ages, self.encoder_q, "query")
+        by_age = ages.argsort(stable=True)  # rows of one training batch stay together
+        picked = by_age[torch.linspace(0, len(seen) - 1, n, device=seen.device).round().long()] if n else by_age[:0]
+        rows = seen[picked]
+        return contrastive.StoredKeys(self.memory[rows], self.memory_ids[rows], ages[picked].cpu(), self.encoder_q,
+                                      "query")
