@@ -27,7 +27,6 @@ cut-short write may have left is removed; checkpoints are written whole or not a
 from __future__ import annotations
 
 import errno
-import importlib
 import importlib.metadata
 import logging
 import os
@@ -50,7 +49,7 @@ from transfer.d2 import evaluation
 from transfer.d2.config import get_cfg, merge_config_file
 from transfer.d2.launch import launch
 from transfer.errors import UserError, log_once
-from transfer.tasks import MIN_BN_GROUP, Task, get_task, is_custom_task, require, task_that_runs
+from transfer.tasks import MIN_BN_GROUP, Task, call, get_task, is_custom_task, require, task_that_runs
 from transfer.tasks.custom import image_size_settings
 
 logger = logging.getLogger("transfer.finetune")
@@ -78,11 +77,6 @@ def _value(cfg: CfgNode, key: str):
     for part in key.split("."):
         cfg = cfg.get(part) if isinstance(cfg, CfgNode) else None
     return cfg
-
-
-def _call(spec: str, *args):
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)(*args)
 
 
 def apply_schedule(cfg: CfgNode, task: Task, schedule: str) -> None:
@@ -239,7 +233,7 @@ def check_opts(opts) -> None:
     cfg = get_cfg()  # the keys of every task that can run here (DensePose's only with its project)
     extends = [task.extend_config for task in TASKS.values() if task.extend_config and installed(task)]
     for extend in dict.fromkeys(extends):
-        _call(extend, cfg)
+        call(extend, cfg)
     _merge_opts(cfg, opts)
 
 
@@ -247,7 +241,7 @@ def task_config(task: Task) -> CfgNode:
     """detectron2's defaults, the keys the task's YAML declares, then the YAML itself."""
     cfg = get_cfg()
     if task.extend_config:
-        _call(task.extend_config, cfg)
+        call(task.extend_config, cfg)
     merge_config_file(cfg, task.config_path)
     return cfg
 

@@ -95,11 +95,16 @@ def register(task: Task) -> Task:
     return task
 
 
+def call(spec: str, *args):
+    """Call the function a task names as "module:function" (its ``extend_config``, ``requires``)."""
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)(*args)
+
+
 def require(task: Task) -> None:
     """Fail with one line when the task needs an optional dependency that is not installed."""
     if task.requires:
-        module, _, function = task.requires.partition(":")
-        getattr(importlib.import_module(module), function)()
+        call(task.requires)
 
 
 def installed(task: Task) -> bool:
