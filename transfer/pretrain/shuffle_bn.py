@@ -105,9 +105,7 @@ def gather_with_grad(tensor):
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor):
-        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, tensor)
-        return torch.cat(gathered, dim=0)
+        return concat_all_gather(tensor)  # the forward is the plain gather; the backward below routes gradients
 
     @staticmethod
     def backward(ctx, grad):
