@@ -396,7 +396,11 @@ def _per_class_section(per_class: pd.DataFrame, baseline: str) -> list[str]:
 
 
 def to_markdown(summary: pd.DataFrame, runs: pd.DataFrame, baseline: str = BASELINE,
-                published: pd.DataFrame | None = None, per_class: pd.DataFrame | None = None) -> str:
+                published: pd.DataFrame | None = None, per_class: pd.DataFrame | None = None,
+                efficiency: pd.DataFrame | None = None) -> str:
+    """summary.md; ``efficiency``: label_efficiency.efficiency_table(runs, baseline), when the caller has it."""
+    if efficiency is None:
+        efficiency = label_efficiency.efficiency_table(runs, baseline)
     lines = ["# Transfer results", "",
              f"Mean and std over trials (seeds); n = trials with the metric; 95% CI = the mean's "
              f"confidence interval (t distribution); failed = trials that failed (never averaged); "
@@ -408,7 +412,7 @@ def to_markdown(summary: pd.DataFrame, runs: pd.DataFrame, baseline: str = BASEL
     lines += _small_batch_note(runs)
     lines += _published_section(summary, published)
     lines += _per_class_section(per_class if per_class is not None else pd.DataFrame(columns=["delta"]), baseline)
-    lines += label_efficiency.markdown(label_efficiency.efficiency_table(runs, baseline), runs, baseline)
+    lines += label_efficiency.markdown(efficiency, runs, baseline)
 
     failures = runs[runs["status"] != "ok"].drop_duplicates(KEYS + ["seed"])
     if len(failures):
@@ -511,9 +515,10 @@ def write_reports(output, baseline: str = BASELINE, published_path=PUBLISHED_CSV
     atomic_write_text(report.runs, runs.to_csv(index=False))
     atomic_write_text(report.summary_csv, summary.to_csv(index=False))
     atomic_write_text(report.per_class, per_class.to_csv(index=False))
-    atomic_write_text(report.summary_md, to_markdown(summary, runs, baseline, published, per_class))
+    efficiency = label_efficiency.efficiency_table(runs, baseline)  # for summary.md and its figure
+    atomic_write_text(report.summary_md, to_markdown(summary, runs, baseline, published, per_class, efficiency))
     plot_deltas(summary, report.chart, baseline)
     if label_efficiency.has_fractions(runs):
         report.label_efficiency = output / label_efficiency.FIGURE
-        label_efficiency.plot(label_efficiency.efficiency_table(runs, baseline), report.label_efficiency, baseline)
+        label_efficiency.plot(efficiency, report.label_efficiency, baseline)
     return report
