@@ -1,6 +1,7 @@
 """Atomic file writes (a reader, or a resumed suite, never sees a half-written file), file hashes,
 YAML files read with a one-line error when they are not what they should be, and the lock a run's
 folder is held with."""
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -40,6 +41,16 @@ def disk_error(path, error: OSError) -> DiskError | None:
     path = Path(path)
     what, folder = ("in it", path) if path.is_dir() else ("it", path.parent)
     return DiskError(f"{path}: cannot write {what}: {DISK_ERRORS[error.errno]} ({free_space(folder)})")
+
+
+@contextlib.contextmanager
+def disk_errors(path):
+    """Turn an OSError of room or permission inside the block into ``disk_error``'s one line for ``path``
+    (any other OSError goes on as it is)."""
+    try:
+        yield
+    except OSError as e:
+        raise (disk_error(path, e) or e) from None
 
 
 def temporaries(folder) -> list[Path]:
@@ -170,11 +181,9 @@ class FolderLock:
         self.fd = -1
 
     def __enter__(self):
-        try:
+        with disk_errors(self.path):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise (disk_error(self.path, e) or e) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
         except BlockingIOError:

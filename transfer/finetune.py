@@ -453,11 +453,9 @@ def finetune(task, weights, schedule: str | None, seed: int, output_dir, dataset
     Checkpoints are deleted after a successful run unless ``keep_checkpoints``.
     """
     output_dir = Path(output_dir)
-    try:
+    with fileio.disk_errors(output_dir):  # a read-only or full disk: one line
         output_dir.mkdir(parents=True, exist_ok=True)
         setup_logger(str(output_dir), name="transfer")
-    except OSError as e:  # a read-only or full disk: one line
-        raise (fileio.disk_error(output_dir, e) or e) from None
     weights = Path(weights)
     task_name = task.name if isinstance(task, Task) else str(task)
     record = {

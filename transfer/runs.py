@@ -214,11 +214,8 @@ _STARTED = re.compile(r"^(?P<when>\S+) pid (?P<pid>\d+) on (?P<host>\S+): starte
 def note_attempt(run: Run, what: str) -> None:
     """One line in <run dir>/attempts.log: when, which process, ``what`` (started, how it ended)."""
     line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()} on {socket.gethostname()}: {what}\n"
-    try:
-        with open(run.dir / ATTEMPTS, "a") as f:
-            f.write(line)
-    except OSError as e:
-        raise (fileio.disk_error(run.dir / ATTEMPTS, e) or e) from None
+    with fileio.disk_errors(run.dir / ATTEMPTS), open(run.dir / ATTEMPTS, "a") as f:
+        f.write(line)
 
 
 def end_unfinished_attempt(run: Run) -> None:
@@ -239,8 +236,6 @@ def start_attempt(run: Run) -> None:
     """Under the run's lock, before it runs again: a failed attempt's record is set aside (it must
     not stand for this attempt while it runs), and the start is noted."""
     if run.metrics_path.exists():
-        try:
+        with fileio.disk_errors(run.dir / PREVIOUS_RECORD):
             os.replace(run.metrics_path, run.dir / PREVIOUS_RECORD)
-        except OSError as e:
-            raise (fileio.disk_error(run.dir / PREVIOUS_RECORD, e) or e) from None
     note_attempt(run, "started")

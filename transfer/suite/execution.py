@@ -93,10 +93,8 @@ def _exit_reason(code: int, peak_mb: float | None, log_tail: str = "") -> str:
 
 
 def _open_log(path: Path):
-    try:
+    with fileio.disk_errors(path):
         return open(path, "w")
-    except OSError as e:
-        raise (fileio.disk_error(path, e) or e) from None
 
 
 def execute(run: Run, num_gpus: int = 1, datasets=None, opts=(), wait: bool = False) -> Outcome:
