@@ -56,14 +56,12 @@ def register_datasets(root) -> None:
         return
     from densepose.data.datasets.coco import DATASETS as INFOS
     from densepose.data.datasets.coco import register_datasets as register
-    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from transfer.datasets.catalog import unregister  # catalog registers these through this module
 
     infos = [info for info in INFOS if info.name in DATASETS]
     for info in infos:
-        if info.name in DatasetCatalog.list():
-            DatasetCatalog.remove(info.name)
-        if info.name in MetadataCatalog.list():
-            MetadataCatalog.remove(info.name)
+        unregister(info.name)
     register(infos, str(root))
 
 

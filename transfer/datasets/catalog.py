@@ -96,11 +96,17 @@ def _guarded(path, layout, loader):
     return load
 
 
-def register_dataset(name, loader, **metadata):
+def unregister(name) -> None:
+    """Forget a dataset name in detectron2's catalogs, so that it can be registered again (under another root)."""
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
     if name in MetadataCatalog.list():
         MetadataCatalog.remove(name)
+
+
+def register_dataset(name, loader, **metadata):
+    """(Re-)register ``name``: its loader (called lazily) and its metadata."""
+    unregister(name)
     DatasetCatalog.register(name, loader)
     MetadataCatalog.get(name).set(**metadata)
 

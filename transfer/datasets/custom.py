@@ -46,13 +46,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.structures import BoxMode
+from PIL import Image
 
 from transfer import fileio
+from transfer.datasets.catalog import register_dataset
 from transfer.errors import UserError, log_once
 
 logger = logging.getLogger(__name__)
@@ -554,13 +553,9 @@ def _masks(yaml_path, masks: bool, dicts: dict) -> str:
 
 def _register(dataset: CustomDataset, dicts: dict) -> None:
     for role, dataset_name in (("train", dataset.train_dataset), ("test", dataset.test_dataset)):
-        if dataset_name in DatasetCatalog.list():
-            DatasetCatalog.remove(dataset_name)
-        if dataset_name in MetadataCatalog.list():
-            MetadataCatalog.remove(dataset_name)
-        DatasetCatalog.register(dataset_name, lambda d=dicts[role]: copy.deepcopy(d))
         # No json_file: COCOEvaluator rebuilds ground truth from these dicts (ids 1..K, clean ids).
-        MetadataCatalog.get(dataset_name).set(
+        register_dataset(
+            dataset_name, lambda d=dicts[role]: copy.deepcopy(d),
             thing_classes=list(dataset.class_names), evaluator_type="coco",
             thing_dataset_id_to_contiguous_id={i + 1: i for i in range(dataset.num_classes)},
             custom_yaml=dataset.yaml_path,

@@ -23,8 +23,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
-
 from transfer.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -112,13 +110,11 @@ def load(datasets_root, split: str) -> list[dict]:
 
 def register(datasets_root) -> None:
     """(Re-)register the three VOC 2012 segmentation names under the root (loading is lazy)."""
+    from transfer.datasets.catalog import register_dataset  # catalog registers these through this module
+
     for name, split in SPLITS.items():
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-        if name in MetadataCatalog.list():
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, lambda s=split: load(datasets_root, s))
-        MetadataCatalog.get(name).set(
+        register_dataset(
+            name, lambda s=split: load(datasets_root, s),
             stuff_classes=list(CLASSES),
             ignore_label=IGNORE_LABEL,
             evaluator_type="sem_seg",
