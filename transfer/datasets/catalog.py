@@ -17,8 +17,8 @@ import os
 from pathlib import Path
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets.cityscapes import load_cityscapes_instances, load_cityscapes_semantic
 from detectron2.data.datasets import load_coco_json, load_lvis_json, load_voc_instances  # noqa: E501
+from detectron2.data.datasets.cityscapes import load_cityscapes_instances, load_cityscapes_semantic
 from detectron2.data.datasets.lvis import get_lvis_instances_meta
 from detectron2.data.datasets.pascal_voc import CLASS_NAMES as VOC_CLASSES
 
@@ -62,9 +62,11 @@ CITYSCAPES = {
 VOC_SEMSEG = tuple(voc_semseg.SPLITS)  # train_aug, train, val
 
 LAYOUT_HINTS = {
-    "voc": "<root>/{folder}/{{Annotations/<id>.xml, JPEGImages/<id>.jpg, ImageSets/Main/{split}.txt}} (PASCAL VOC devkit layout)",
+    "voc": ("<root>/{folder}/{{Annotations/<id>.xml, JPEGImages/<id>.jpg, ImageSets/Main/{split}.txt}} "
+            "(PASCAL VOC devkit layout)"),
     "coco": "<root>/coco/{annotations/<file>.json, train2017/, val2017/} (COCO 2017 layout)",
-    "lvis": "<root>/lvis/lvis_v1_{train,val}.json and the COCO images in <root>/coco/{train2017,val2017}/ (LVIS layout)",
+    "lvis": ("<root>/lvis/lvis_v1_{train,val}.json and the COCO images in <root>/coco/{train2017,val2017}/ "
+             "(LVIS layout)"),
     "cityscapes": "<root>/cityscapes/{leftImg8bit,gtFine}/{train,val}/<city>/ with *_leftImg8bit.png and "
                   "*_gtFine_{instanceIds,labelIds,labelTrainIds}.png, *_gtFine_polygons.json (Cityscapes layout)",
 }
@@ -91,7 +93,8 @@ def _guarded(path, layout, loader):
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: not valid JSON ({e}); expected {layout}") from e
         except (AssertionError, KeyError, ValueError, IndexError, OSError, TypeError) as e:
-            raise UserError(f"{path}: could not be read as expected ({type(e).__name__}: {e}); expected {layout}") from e
+            raise UserError(f"{path}: could not be read as expected ({type(e).__name__}: {e}); "
+                            f"expected {layout}") from e
 
     return load
 
@@ -130,13 +133,15 @@ def register_all(root=None) -> Path:
                   evaluator_type="pascal_voc")
     for name, (image_dir, json_file, meta_key) in COCO.items():
         json_file, image_dir = str(root / json_file), str(root / image_dir)
-        loader = _guarded(json_file, LAYOUT_HINTS["coco"], functools.partial(load_coco_json, json_file, image_dir, name))
+        loader = _guarded(json_file, LAYOUT_HINTS["coco"],
+                          functools.partial(load_coco_json, json_file, image_dir, name))
         register_dataset(name, loader, json_file=json_file, image_root=image_dir, evaluator_type="coco",
                   **d2compat.builtin_metadata(meta_key))
     for name, (image_root, json_file, meta_key) in LVIS.items():
         # load_lvis_json joins image_root + split folder as strings: keep the trailing slash
         json_file, image_root = str(root / json_file), str(root / image_root) + os.sep
-        loader = _guarded(json_file, LAYOUT_HINTS["lvis"], functools.partial(load_lvis_json, json_file, image_root, name))
+        loader = _guarded(json_file, LAYOUT_HINTS["lvis"],
+                          functools.partial(load_lvis_json, json_file, image_root, name))
         register_dataset(name, loader, json_file=json_file, image_root=image_root, evaluator_type="lvis",
                   **get_lvis_instances_meta(meta_key))
     meta = d2compat.builtin_metadata("cityscapes")
@@ -223,7 +228,8 @@ def _check_cityscapes(root: Path, name: str) -> None:
     for suffix in suffixes:
         path = gt_dir / images[0].parent.name / (stem + suffix)
         if not path.is_file():
-            hint = " (make it with cityscapesscripts/preparation/createTrainIdLabelImgs.py)" if "TrainIds" in suffix else ""
+            make_it = " (make it with cityscapesscripts/preparation/createTrainIdLabelImgs.py)"
+            hint = make_it if "TrainIds" in suffix else ""
             raise UserError(f"{path}: missing{hint}; expected {layout}")
 
 
@@ -251,4 +257,5 @@ def check(dataset_names, root=None) -> None:
         elif name in densepose.DATASETS:
             densepose.check([name], root)
         elif name not in DatasetCatalog.list():
-            raise UserError(f"{name}: unknown dataset; known: {', '.join(known_names())} or a registered custom dataset")
+            raise UserError(f"{name}: unknown dataset; known: {', '.join(known_names())} "
+                            "or a registered custom dataset")

@@ -210,7 +210,8 @@ def _split_spec(yaml_path: Path, fmt: str, role: str, value) -> dict:
         raise UserError(f"{yaml_path}: {role}: expected a mapping with keys {sorted(SPLIT_KEYS[fmt])}")
     unknown = set(value) - SPLIT_KEYS[fmt]
     if unknown:
-        raise UserError(f"{yaml_path}: {role}: unknown key(s) {sorted(unknown)} for format {fmt}; expected {sorted(SPLIT_KEYS[fmt])}")
+        raise UserError(f"{yaml_path}: {role}: unknown key(s) {sorted(unknown)} for format {fmt}; "
+                        f"expected {sorted(SPLIT_KEYS[fmt])}")
     spec = dict(value)
     if fmt == "voc":
         spec.setdefault("split", DEFAULT_VOC_SPLITS[role])
@@ -262,7 +263,8 @@ def _resolve_image_root(json_file: Path, image_root: Path, file_name: str, notes
     if _find_image(image_root / file_name):
         return image_root
     if _find_image(image_root.parent / file_name):  # images: .../JPEGImages with 'JPEGImages/x.jpg' names
-        notes.append(f"{json_file}: file names such as '{file_name}' include the image folder; read them from {image_root.parent}")
+        notes.append(f"{json_file}: file names such as '{file_name}' include the image folder; "
+                     f"read them from {image_root.parent}")
         return image_root.parent
     tried = [image_root / file_name, image_root.parent / file_name]
     if Path(file_name).parts[:1] == (image_root.name,):  # the likelier of the two first
@@ -279,7 +281,8 @@ def _coco_categories(json_file: Path, notes: list) -> tuple[dict[int, str], str]
         raise UserError(f"{json_file}: not valid JSON ({e}); expected a COCO instances json") from e
     for key in ("images", "annotations", "categories"):
         if not isinstance(data, dict) or key not in data:
-            raise UserError(f"{json_file}: no '{key}' list; expected a COCO instances json (images, annotations, categories)")
+            raise UserError(f"{json_file}: no '{key}' list; "
+                            "expected a COCO instances json (images, annotations, categories)")
     if not all(isinstance(c, dict) and {"id", "name"} <= set(c) for c in data["categories"]):
         raise UserError(f"{json_file}: every entry of 'categories' needs an 'id' and a 'name'")
     if not data["images"]:
@@ -372,7 +375,8 @@ def _voc_ids(root: Path, split: str, role: str, shared: str | None, rule, notes:
         return ids
     annotations = root / "Annotations"
     if not annotations.is_dir():
-        raise UserError(f"{annotations}: missing; expected a VOC folder with Annotations/, JPEGImages/ and optionally ImageSets/Main/")
+        raise UserError(f"{annotations}: missing; "
+                        "expected a VOC folder with Annotations/, JPEGImages/ and optionally ImageSets/Main/")
     all_ids = sorted(p.stem for p in annotations.glob("*.xml"))
     if not all_ids:
         raise UserError(f"{annotations}: holds no .xml files")

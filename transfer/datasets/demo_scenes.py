@@ -58,7 +58,8 @@ CITYSCAPES_THINGS = {
 
 
 def _regular(n, phase=0.0, radius=1.0):
-    return [(radius * math.sin(phase + 2 * math.pi * k / n), -radius * math.cos(phase + 2 * math.pi * k / n)) for k in range(n)]
+    angles = [phase + 2 * math.pi * k / n for k in range(n)]
+    return [(radius * math.sin(a), -radius * math.cos(a)) for a in angles]
 
 
 def _star(points=5, inner=0.45):

@@ -70,10 +70,12 @@ def _aug_list(voc: Path) -> Path | None:
 def check(datasets_root, name: str = VAL) -> None:
     """Raise UserError naming the first missing path that dataset ``name`` needs."""
     voc = Path(datasets_root) / "VOC2012"
-    layout = "VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation/{train,val}.txt} (README, 'Semantic segmentation')"
+    layout = ("VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation/{train,val}.txt} "
+              "(README, 'Semantic segmentation')")
     if name == TRAIN_AUG:
         if _aug_list(voc) is None:
-            raise UserError(f"{voc / AUG_FOLDER}: missing; the SBD-augmented 'train_aug' labels (README, 'Semantic segmentation')")
+            raise UserError(f"{voc / AUG_FOLDER}: missing; "
+                            "the SBD-augmented 'train_aug' labels (README, 'Semantic segmentation')")
         needed = (voc / "JPEGImages",)
     else:
         needed = (voc / "JPEGImages", voc / "SegmentationClass", voc / f"ImageSets/Segmentation/{SPLITS[name]}.txt")
@@ -92,7 +94,8 @@ def load(datasets_root, split: str) -> list[dict]:
         ids = _read_ids(list_file)
         leaked = set(ids) & set(_read_ids(voc / "ImageSets/Segmentation/val.txt"))
         if leaked:
-            raise UserError(f"{list_file}: lists {len(leaked)} val images (e.g. {sorted(leaked)[0]}); train_aug must exclude VOC 2012 val")
+            raise UserError(f"{list_file}: lists {len(leaked)} val images (e.g. {sorted(leaked)[0]}); "
+                            "train_aug must exclude VOC 2012 val")
     else:
         list_file, label_dir = voc / f"ImageSets/Segmentation/{split}.txt", voc / "SegmentationClass"
         if not list_file.is_file():
@@ -100,7 +103,8 @@ def load(datasets_root, split: str) -> list[dict]:
         ids = _read_ids(list_file)
         if split == "train" and not (voc / AUG_FOLDER).is_dir():
             logger.warning(TRAIN_ONLY_WARNING.format(voc=voc))
-    dicts = [{"file_name": str(voc / "JPEGImages" / f"{i}.jpg"), "sem_seg_file_name": str(label_dir / f"{i}.png")} for i in ids]
+    dicts = [{"file_name": str(voc / "JPEGImages" / f"{i}.jpg"), "sem_seg_file_name": str(label_dir / f"{i}.png")}
+             for i in ids]
     for d in dicts:
         for key in ("file_name", "sem_seg_file_name"):
             if not Path(d[key]).is_file():
