@@ -33,8 +33,7 @@ pin() {  # NAME -> NAME==VERSION from constraints.txt
 
 have() {  # whether .whl/ already holds NAME==VERSION (wheel names use _ for - and may differ in case)
     local name=${1%%==*} version=${1##*==}
-    compgen -G ".whl/${name//-/_}-${version}-*.whl" >/dev/null \
-        || ls .whl 2>/dev/null | grep -qi "^${name//-/_}-${version}-"
+    ls .whl 2>/dev/null | grep -qi "^${name//-/_}-${version}-.*\.whl$"
 }
 
 mkdir -p .whl
